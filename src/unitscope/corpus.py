@@ -1,0 +1,207 @@
+"""Text sources -> packed windows of `ctx_len` tokens, with document ids and positions.
+
+Sources: `default` (text that ships with Python: the pydoc documentation topics and standard-library
+docstrings, read with `ast` so nothing is imported), local `.txt`, `.jsonl` and `.parquet` files, and
+Hugging Face datasets (`hf:NAME[:CONFIG[:SPLIT]]`, streamed, needs the `datasets` extra and network).
+
+Documents are shuffled with a fixed seed, tokenized lazily, joined with a separator token and cut into
+windows. The same source, tokenizer and seed always give the same windows, which is what lets a
+recording resume and lets evaluation take the windows after the recorded ones as held-out data.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import random
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UnitscopeError
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
+
+
+@dataclass
+class Window:
+    tokens: np.ndarray  # int32 [ctx_len]
+    doc: np.ndarray  # int32 [ctx_len], document index in shuffled order
+    pos: np.ndarray  # int32 [ctx_len], position inside the window
+
+
+def default_documents() -> list[str]:
+    """Python's own documentation: pydoc topics plus one document per stdlib module of docstrings."""
+    from pydoc_data.topics import topics
+
+    docs = [topics[k] for k in sorted(topics)]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "idlelib", "site-packages", "lib2to3", "tkinter", "turtledemo", "ensurepip"}
+    for path in sorted(stdlib.rglob("*.py")):
+        if skip.intersection(path.relative_to(stdlib).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        parts = []
+        for node in [tree, *ast.walk(tree)]:
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 40:
+                    title = getattr(node, "name", path.stem)
+                    parts.append(f"{title}\n{doc}")
+        if parts:
+            docs.append("\n\n".join(dict.fromkeys(parts)))
+    return list(dict.fromkeys(d.strip() for d in docs if d.strip()))  # deduplicate, keep order
+
+
+def _read_text_file(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UnitscopeError(f"corpus file {str(path)!r} is not UTF-8 text (bad byte at offset {e.start})") from None
+    # A blank line followed by a heading-like line starts a new document; short files are one document.
+    chunks = [c.strip() for c in text.split("\n\n") if c.strip()]
+    docs, cur = [], []
+    for c in chunks:
+        cur.append(c)
+        if sum(len(x) for x in cur) > 2000:
+            docs.append("\n\n".join(cur))
+            cur = []
+    if cur:
+        docs.append("\n\n".join(cur))
+    return docs
+
+
+def _read_jsonl(path: Path, field: str) -> list[str]:
+    docs = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise UnitscopeError(f"line {i} of corpus file {str(path)!r} is not valid JSON") from None
+                if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                    raise UnitscopeError(f"line {i} of corpus file {str(path)!r} has no string field {field!r}")
+                docs.append(row[field])
+    except UnicodeDecodeError:
+        raise UnitscopeError(f"corpus file {str(path)!r} is not UTF-8 text") from None
+    return docs
+
+
+def _read_parquet(path: Path, field: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=[field])
+    except Exception as e:  # noqa: BLE001 - pyarrow raises many types for bad files
+        raise UnitscopeError(f"cannot read column {field!r} of parquet file {str(path)!r}: {e}") from None
+    return [t for t in table.column(field).to_pylist() if isinstance(t, str)]
+
+
+class Corpus:
+    """A named, reproducible sequence of documents."""
+
+    def __init__(self, spec: str = "default", field: str = "text", seed: int = 0,
+                 max_docs: int | None = None):
+        self.spec, self.field, self.seed, self.max_docs = spec, field, seed, max_docs
+        self._docs: list[str] | None = None
+
+    def provenance(self) -> dict[str, Any]:
+        return {"spec": self.spec, "field": self.field, "seed": self.seed}
+
+    def documents(self) -> list[str]:
+        if self._docs is None:
+            docs = self._load()
+            if not any(d.strip() for d in docs):
+                raise UnitscopeError(f"corpus {self.spec!r} is empty: it holds no text")
+            random.Random(self.seed).shuffle(docs)
+            self._docs = docs
+        return self._docs
+
+    def _load(self) -> list[str]:
+        if self.spec == "default":
+            return default_documents()
+        if self.spec.startswith("hf:"):
+            return self._load_hf()
+        path = Path(self.spec)
+        if not path.exists():
+            raise UnitscopeError(
+                f"corpus {self.spec!r} does not exist; give 'default', a .txt/.jsonl/.parquet file, a folder "
+                "of them, or hf:DATASET[:CONFIG[:SPLIT]]"
+            )
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        docs: list[str] = []
+        for f in files:
+            if f.suffix == ".jsonl":
+                docs += _read_jsonl(f, self.field)
+            elif f.suffix == ".parquet":
+                docs += _read_parquet(f, self.field)
+            elif f.suffix in TEXT_SUFFIXES or not path.is_dir():
+                docs += _read_text_file(f)
+        return docs
+
+    def _load_hf(self) -> list[str]:
+        try:
+            import datasets
+        except ImportError:
+            raise UnitscopeError("Hugging Face datasets need the extra: pip install 'unitscope[datasets]'") from None
+        parts = self.spec[3:].split(":")
+        name, config = parts[0], (parts[1] or None) if len(parts) > 1 else None
+        split = parts[2] if len(parts) > 2 else "train"
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        limit = self.max_docs or 200_000
+        return [row[self.field] for _, row in zip(range(limit), ds)]
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for d in self.documents():
+            h.update(d.encode())
+        return h.hexdigest()[:16]
+
+    def windows(self, tokenizer: Any, ctx_len: int, start: int = 0) -> Iterator[Window]:
+        """Packed windows from window number `start` on; documents are separated by one special token."""
+        if ctx_len < 2:
+            raise UnitscopeError(f"context length {ctx_len} is too short; use at least 2")
+        sep = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        buf_t: list[int] = []
+        buf_d: list[int] = []
+        index = 0
+        docs = self.documents()
+        for lo in range(0, len(docs), 64):
+            batch = docs[lo:lo + 64]
+            encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+            for j, ids in enumerate(encoded):
+                if not ids:
+                    continue
+                ids = ([sep] if sep is not None else []) + list(ids)
+                buf_t += ids
+                buf_d += [lo + j] * len(ids)
+            while len(buf_t) >= ctx_len:
+                if index >= start:
+                    yield Window(np.asarray(buf_t[:ctx_len], dtype=np.int32),
+                                 np.asarray(buf_d[:ctx_len], dtype=np.int32),
+                                 np.arange(ctx_len, dtype=np.int32))
+                index += 1
+                del buf_t[:ctx_len], buf_d[:ctx_len]
+
+
+def special_ids(tokenizer: Any) -> np.ndarray:
+    return np.asarray(sorted(set(getattr(tokenizer, "all_special_ids", []) or [])), dtype=np.int32)
+
+
+def training_mask(tokens: np.ndarray, pos: np.ndarray, specials: np.ndarray) -> np.ndarray:
+    """Positions that count for training and statistics: not the first of a window, not a special token.
+
+    On SmolLM2 the residual norm at position 0 is ~7x the rest and would dominate any dictionary.
+    """
+    return (pos > 0) & ~np.isin(tokens, specials)

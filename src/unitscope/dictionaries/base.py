@@ -1,0 +1,149 @@
+"""One protocol for every unit kind, a registry by `architecture` name, and the SAELens file layout.
+
+Files: `cfg.json` (`architecture`, `d_in`, `d_sae`, `dtype`, arch fields, a `metadata` block with model
+and hook names) and `sae_weights.safetensors`. Never pickle: weights are safetensors, the rest JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import UnitscopeError
+
+CFG = "cfg.json"
+WEIGHTS = "sae_weights.safetensors"
+ARCHITECTURES: dict[str, type[Dictionary]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a dictionary kind loadable by its `architecture` name."""
+    def deco(cls: type[Dictionary]) -> type[Dictionary]:
+        cls.architecture = name
+        ARCHITECTURES[name] = cls
+        return cls
+    return deco
+
+
+class Dictionary(nn.Module):
+    """A dictionary of units over the activations at one site.
+
+    encode(x[..., d_in]) -> codes[..., n_units]; decode(codes) -> x̂[..., d_out]; `directions` are the
+    decoder rows [n_units, d_out] (used by steering and the logit lens). Leading dimensions of any shape.
+    """
+
+    architecture: ClassVar[str] = "base"
+
+    def __init__(self, d_in: int, n_units: int, d_out: int | None = None,
+                 metadata: dict[str, Any] | None = None):
+        super().__init__()
+        self.d_in, self.n_units = int(d_in), int(n_units)
+        self.d_out = int(d_out if d_out is not None else d_in)
+        self.metadata: dict[str, Any] = dict(metadata or {})
+
+    # ---- protocol ---------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def directions(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    @property
+    def input_site(self) -> str | None:
+        return self.metadata.get("hook_name")
+
+    @property
+    def output_site(self) -> str | None:
+        return self.metadata.get("hook_name_out") or self.input_site
+
+    def check_width(self, x: torch.Tensor, width: int | None = None, what: str = "input") -> None:
+        width = self.d_in if width is None else width
+        if x.shape[-1] != width:
+            raise UnitscopeError(
+                f"the {what} has width {x.shape[-1]}, but this {self.architecture} dictionary expects "
+                f"width {width} (site {self.input_site or 'unknown'})"
+            )
+
+    # ---- files ------------------------------------------------------------------------------------
+    def arch_config(self) -> dict[str, Any]:
+        """Architecture fields written to cfg.json beside the common ones."""
+        return {}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Tensors written to sae_weights.safetensors, under SAELens names."""
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
+    @classmethod
+    def from_weights(cls, cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> Dictionary:
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        dtype = next(iter(self.weights().values())).dtype if self.weights() else torch.float32
+        return {
+            "architecture": self.architecture,
+            "d_in": self.d_in,
+            "d_sae": self.n_units,
+            **({"d_out": self.d_out} if self.d_out != self.d_in else {}),
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": "cpu",
+            **self.arch_config(),
+            "metadata": self.metadata,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write cfg.json and sae_weights.safetensors atomically (a crash leaves the old copy intact)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+        save_file({k: v.contiguous().cpu() for k, v in self.weights().items()}, str(tmp / WEIGHTS))
+        (tmp / CFG).write_text(json.dumps(self.config(), indent=2))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        return path
+
+
+def load_dictionary(path: str | Path, device: str = "cpu") -> Dictionary:
+    """Load any saved dictionary from a directory holding cfg.json and its safetensors weights."""
+    path = Path(path)
+    cfg_path = path / CFG
+    if not cfg_path.is_file():
+        raise UnitscopeError(f"{str(path)!r} is not a dictionary directory: it has no {CFG}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError:
+        raise UnitscopeError(f"{str(cfg_path)!r} is not valid JSON") from None
+    arch = cfg.get("architecture")
+    if arch not in ARCHITECTURES:
+        raise UnitscopeError(
+            f"unknown dictionary architecture {arch!r} in {str(cfg_path)!r}; known architectures are "
+            f"{', '.join(sorted(ARCHITECTURES))}"
+        )
+    wpath = path / WEIGHTS
+    if not wpath.is_file():
+        raise UnitscopeError(f"{str(path)!r} has no {WEIGHTS}")
+    try:
+        weights = load_file(str(wpath), device=device)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for bad files
+        raise UnitscopeError(f"{str(wpath)!r} is not a readable safetensors file ({e})") from None
+    return ARCHITECTURES[arch].from_weights(cfg, weights).to(device).eval()

@@ -1,0 +1,60 @@
+"""Sparse training kernels: one dense encoder product, everything after it sparse.
+
+`select_encode` computes the dense pre-activations once, lets the caller pick latents from them, and
+returns only the picked values; its backward touches only the picked latents (a sparse [B, n] gradient
+against the input), so the encoder weight gradient costs B*m*d instead of B*n*d.
+`sparse_decode` decodes (values, indices) through `embedding_bag`, whose backward is sparse as well.
+Both are checked against the dense computation in tests/test_kernels.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+class _SelectEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_enc_t, b_enc, select, compute_dtype):
+        # w_enc_t: [n, d] (encoder rows); x: [B, d]
+        if compute_dtype is not None and compute_dtype != x.dtype:
+            pre = F.linear(x.to(compute_dtype), w_enc_t.to(compute_dtype)).float() + b_enc
+        else:
+            pre = torch.addmm(b_enc, x, w_enc_t.t())
+        idx = select(pre)
+        vals = pre.gather(1, idx)
+        ctx.save_for_backward(x, w_enc_t, idx)
+        ctx.mark_non_differentiable(idx)
+        return vals, idx
+
+    @staticmethod
+    def backward(ctx, g_vals, _g_idx):
+        x, w_enc_t, idx = ctx.saved_tensors
+        n, d = w_enc_t.shape
+        g = g_vals.contiguous()
+        flat_idx = idx.reshape(-1)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(0, flat_idx, g.reshape(-1))
+        if ctx.needs_input_grad[1]:
+            rows = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
+            sparse = torch.sparse_coo_tensor(torch.stack([flat_idx, rows]), g.reshape(-1), check_invariants=False,
+                                             (n, idx.shape[0]), dtype=g.dtype)
+            grad_w = torch.sparse.mm(sparse, x.to(g.dtype))
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(idx, w_enc_t, per_sample_weights=g, mode="sum")
+        return grad_x, grad_w, grad_b, None, None
+
+
+def select_encode(x: torch.Tensor, w_enc_t: torch.Tensor, b_enc: torch.Tensor,
+                  select: Callable[[torch.Tensor], torch.Tensor],
+                  compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-activations at the latents that `select(pre) -> idx[B, m]` picks: (values[B, m], idx)."""
+    return _SelectEncode.apply(x, w_enc_t, b_enc, select, compute_dtype)
+
+
+def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, w_dec: torch.Tensor) -> torch.Tensor:
+    """sum_j vals[b, j] * w_dec[idx[b, j]] without forming the dense [B, n] code matrix."""
+    return F.embedding_bag(idx, w_dec, per_sample_weights=vals.to(w_dec.dtype), mode="sum")

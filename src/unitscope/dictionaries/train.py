@@ -1,0 +1,269 @@
+"""Training loop for every trainable dictionary kind: one loop, kinds plug in via `training_forward`.
+
+Activations are scaled so that E||x||² = d_in while training (learning rates then transfer across sites and
+models) and the scale is folded into the weights on save. Warm-up, constant, then linear decay of the
+learning rate; decoder rows kept at unit norm (the gradient component along each row removed first);
+dead latents tracked in tokens since they last fired, fed to AuxK. Checkpoints every N steps hold the
+weights, Adam state and counters in safetensors plus a JSON, so a killed run resumes to identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..corpus import training_mask
+from ..errors import UnitscopeError
+from ..store import Store, write_json_atomic
+from .base import ARCHITECTURES, Dictionary
+from .sae import SparseAutoencoder
+
+CKPT = "checkpoint"
+
+
+@dataclass
+class TrainConfig:
+    architecture: str = "topk"
+    n_units: int = 4608
+    k: int = 32
+    lr: float | None = None  # default 2e-4 / sqrt(n_units / 2**14), as in Gao et al.
+    batch_size: int = 4096
+    train_tokens: int = 2_000_000
+    warmup_frac: float = 0.05
+    decay_frac: float = 0.2
+    dead_tokens: int = 250_000
+    checkpoint_every: int = 100
+    seed: int = 0
+    compute_dtype: str = "float32"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.architecture not in ARCHITECTURES or not issubclass(ARCHITECTURES[self.architecture],
+                                                                     SparseAutoencoder):
+            trainable = sorted(n for n, c in ARCHITECTURES.items() if issubclass(c, SparseAutoencoder))
+            raise UnitscopeError(f"unknown architecture {self.architecture!r}; trainable ones are {', '.join(trainable)}")
+        if self.n_units <= 0:
+            raise UnitscopeError(f"--units must be positive, not {self.n_units}")
+        if not 0 < self.k <= self.n_units:
+            raise UnitscopeError(f"k={self.k} is not valid for {self.n_units} units; use 1 <= k <= {self.n_units}")
+        if self.lr is not None and not self.lr > 0:
+            raise UnitscopeError(f"the learning rate must be positive, not {self.lr}")
+        if self.batch_size <= 0 or self.train_tokens < self.batch_size:
+            raise UnitscopeError(
+                f"--train-tokens ({self.train_tokens}) must be at least one batch ({self.batch_size} tokens)")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.n_units / 2**14)
+
+    @property
+    def steps(self) -> int:
+        return self.train_tokens // self.batch_size
+
+
+def build_dictionary(cfg: TrainConfig, d_in: int, metadata: dict[str, Any]) -> SparseAutoencoder:
+    cls = ARCHITECTURES[cfg.architecture]
+    kwargs: dict[str, Any] = dict(cfg.extra)
+    if "k" in cls.__init__.__code__.co_varnames:
+        kwargs["k"] = cfg.k
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sae = cls(d_in, cfg.n_units, metadata=metadata, **kwargs)
+    sae.reset_parameters(gen)
+    return sae
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    warm = max(1, int(cfg.steps * cfg.warmup_frac))
+    decay_start = int(cfg.steps * (1 - cfg.decay_frac))
+    base = cfg.learning_rate
+    if step < warm:
+        return base * (step + 1) / warm
+    if step >= decay_start and cfg.decay_frac > 0:
+        return base * max(0.0, (cfg.steps - step) / max(1, cfg.steps - decay_start))
+    return base
+
+
+def geometric_median(x: torch.Tensor, iters: int = 30) -> torch.Tensor:
+    """Weiszfeld's algorithm: a robust centre for initialising b_dec."""
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1 / (x - m).norm(dim=1).clamp_min(1e-6)
+        m = (w[:, None] * x).sum(0) / w.sum()
+    return m
+
+
+class Trainer:
+    """Trains one dictionary from a store site; `run()` resumes from `out/checkpoint` when present."""
+
+    def __init__(self, store: Store, site: str, cfg: TrainConfig, out: str | Path, progress: bool = True,
+                 target_site: str | None = None):
+        cfg.validate()
+        self.store, self.site, self.cfg, self.out, self.progress = store, site, cfg, Path(out), progress
+        self.target_site = target_site
+        d_in = store.width(site)
+        tokens, pos = store.column("tokens"), store.column("pos")
+        specials = np.asarray(store.manifest.get("specials", []), dtype=np.int32)
+        self.mask = training_mask(tokens, pos, specials)
+        metadata = {
+            "model_name": store.manifest["model"], "hook_name": site,
+            **({"hook_name_out": target_site} if target_site else {}),
+            "context_size": store.manifest["ctx_len"], "dataset_path": store.manifest["corpus"]["spec"],
+            "prepend_bos": False, "exclude_first_position": True,
+        }
+        self.sae = build_dictionary(cfg, d_in, metadata)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+        self.step = 0
+        self.scale = 1.0
+        self.since_fired = torch.zeros(cfg.n_units, dtype=torch.long)
+        self.log: list[dict[str, float]] = []
+        self.seconds = 0.0
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def _ckpt_dir(self) -> Path:
+        return self.out.with_name(f".{self.out.name}.{CKPT}")
+
+    def save_checkpoint(self) -> None:
+        d = self._ckpt_dir()
+        tmp = d.with_name(d.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tensors = {f"param.{k}": v.detach().clone() for k, v in self.sae.state_dict().items()}
+        names = [n for n, _ in self.sae.named_parameters()]
+        for i, name in enumerate(names):
+            st = self.opt.state.get(self.opt.param_groups[0]["params"][i], {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st:
+                    tensors[f"adam.{name}.{key}"] = st[key].clone()
+            if "step" in st:
+                tensors[f"adam.{name}.step"] = torch.as_tensor(st["step"]).reshape(1).float()
+        tensors["since_fired"] = self.since_fired.clone()
+        save_file(tensors, str(tmp / "state.safetensors"))
+        state = {"step": self.step, "scale": self.scale, "config": asdict(self.cfg), "site": self.site,
+                 "log": self.log, "seconds": self.seconds}
+        (tmp / "state.json").write_text(json.dumps(state))
+        shutil.rmtree(d, ignore_errors=True)
+        tmp.rename(d)
+
+    def load_checkpoint(self) -> bool:
+        d = self._ckpt_dir()
+        if not (d / "state.json").is_file():
+            return False
+        state = json.loads((d / "state.json").read_text())
+        if state["config"] != asdict(self.cfg) or state["site"] != self.site:
+            raise UnitscopeError(
+                f"a checkpoint at {str(d)!r} was made with other training options; rerun with the same options "
+                "or pass --overwrite to start again"
+            )
+        tensors = load_file(str(d / "state.safetensors"))
+        self.sae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("param.")})
+        for i, (name, _) in enumerate(self.sae.named_parameters()):
+            p = self.opt.param_groups[0]["params"][i]
+            if f"adam.{name}.exp_avg" in tensors:
+                self.opt.state[p] = {
+                    "step": tensors[f"adam.{name}.step"].reshape(()),
+                    "exp_avg": tensors[f"adam.{name}.exp_avg"].clone(),
+                    "exp_avg_sq": tensors[f"adam.{name}.exp_avg_sq"].clone(),
+                }
+        self.since_fired = tensors["since_fired"].clone()
+        self.step, self.scale, self.log = state["step"], state["scale"], state["log"]
+        self.seconds = state.get("seconds", 0.0)
+        return True
+
+    # ---- training ---------------------------------------------------------------------------------
+    def _batches(self, start: int):
+        return self.store.batches(self.site, self.cfg.batch_size, self.mask, seed=self.cfg.seed, start_batch=start)
+
+    def _initialise(self) -> None:
+        it = self._batches(0)
+        sample = torch.cat([next(it).float() for _ in range(min(4, self.cfg.steps))])
+        self.scale = float(math.sqrt(self.sae.d_in / sample.pow(2).sum(1).mean().clamp_min(1e-12)))
+        with torch.no_grad():
+            self.sae.b_dec.copy_(geometric_median(sample[:4096] * self.scale))
+
+    def run(self) -> Dictionary:
+        cfg = self.cfg
+        if not self.load_checkpoint():
+            self._initialise()
+        compute = {"float32": None, "bfloat16": torch.bfloat16}.get(cfg.compute_dtype)
+        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", desc=f"train {cfg.architecture}",
+                   disable=not self.progress)
+        ema_fvu = None
+        t_last = time.perf_counter()
+        try:
+            batches = self._batches(self.step)
+            while self.step < cfg.steps:
+                x = next(batches).float() * self.scale
+                dead = self.since_fired >= cfg.dead_tokens
+                for g in self.opt.param_groups:
+                    g["lr"] = lr_at(self.step, cfg)
+                out = self.sae.training_forward(x, dead=dead, compute_dtype=compute)
+                self.opt.zero_grad(set_to_none=True)
+                out.loss.backward()
+                self._constrain_decoder_grad()
+                self.opt.step()
+                self._normalise_decoder()
+                self.since_fired += x.shape[0]
+                self.since_fired[out.fired.unique()] = 0
+                self.step += 1
+                f = float(out.fvu)
+                ema_fvu = f if ema_fvu is None else 0.95 * ema_fvu + 0.05 * f
+                now = time.perf_counter()
+                self.seconds += now - t_last
+                t_last = now
+                if self.step % 10 == 0 or self.step == cfg.steps:
+                    rec = {"step": self.step, "fvu": round(f, 5), "l0": round(out.l0, 2),
+                           "dead_frac": round(float(dead.float().mean()), 4),
+                           "tokens_per_s": round(self.step * cfg.batch_size / max(self.seconds, 1e-9))}
+                    self.log.append(rec)
+                    bar.set_postfix(fvu=f"{ema_fvu:.3f}", l0=f"{out.l0:.1f}", dead=f"{rec['dead_frac']:.2f}",
+                                    tok_s=rec["tokens_per_s"])
+                bar.update(1)
+                if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        return self.finish()
+
+    def _constrain_decoder_grad(self) -> None:
+        w, g = self.sae.W_dec, self.sae.W_dec.grad
+        if g is not None:
+            g.sub_((g * w).sum(1, keepdim=True) * w)
+
+    @torch.no_grad()
+    def _normalise_decoder(self) -> None:
+        self.sae.W_dec.div_(self.sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    def finish(self) -> Dictionary:
+        final = self.sae
+        final.fold_scaling(self.scale)
+        final.metadata["activation_scale_folded"] = self.scale
+        final.save(self.out)
+        summary = {"config": asdict(self.cfg), "site": self.site, "steps": self.step,
+                   "tokens": self.step * self.cfg.batch_size, "seconds": round(self.seconds, 2),
+                   "tokens_per_s": round(self.step * self.cfg.batch_size / max(self.seconds, 1e-9), 1),
+                   "log": self.log}
+        write_json_atomic(self.out / "train.json", summary)
+        shutil.rmtree(self._ckpt_dir(), ignore_errors=True)
+        return final.eval()
+
+
+def train(store: Store | str | Path, site: str | None, cfg: TrainConfig, out: str | Path,
+          progress: bool = True, overwrite: bool = False) -> Dictionary:
+    """Train a dictionary on `site` of a store and save it at `out` (resuming a killed run)."""
+    store = store if isinstance(store, Store) else Store.open(store)
+    site = site or store.sites[0]
+    store.width(site)
+    out = Path(out)
+    if overwrite:
+        shutil.rmtree(out.with_name(f".{out.name}.{CKPT}"), ignore_errors=True)
+    return Trainer(store, site, cfg, out, progress=progress).run()

