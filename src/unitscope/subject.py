@@ -128,6 +128,11 @@ def load_subject(spec: str | nn.Module = "default", dtype: str | torch.dtype = "
         path, name = Path(spec), spec
     else:
         path, name = spec, spec
+        if not _cached_on_hub(spec) and not _hub_reachable():
+            raise UnitscopeError(
+                f"unknown model {spec!r}: it is not one of {', '.join(DEFAULT_NAMES)}, not a local directory or "
+                ".gguf file, not in the Hugging Face cache, and the hub cannot be reached (no network)"
+            )
     model, tok = _from_pretrained(path, spec)
     return Subject(model.to(device=device, dtype=dt).eval(), tok, name)
 
@@ -182,6 +187,30 @@ def _cached_gguf(gguf: Path) -> Path:
         if not (target / "config.json").is_file():
             raise
     return target
+
+
+def _cached_on_hub(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an invalid repo id is simply not cached
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection attempt, so that an offline user is told at once instead of after retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _from_pretrained(path: str | Path, spec: str):

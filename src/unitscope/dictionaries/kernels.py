@@ -40,8 +40,8 @@ class _SelectEncode(torch.autograd.Function):
             grad_b = torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(0, flat_idx, g.reshape(-1))
         if ctx.needs_input_grad[1]:
             rows = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
-            sparse = torch.sparse_coo_tensor(torch.stack([flat_idx, rows]), g.reshape(-1), check_invariants=False,
-                                             (n, idx.shape[0]), dtype=g.dtype)
+            sparse = torch.sparse_coo_tensor(torch.stack([flat_idx, rows]), g.reshape(-1), (n, idx.shape[0]),
+                                             dtype=g.dtype, check_invariants=False)
             grad_w = torch.sparse.mm(sparse, x.to(g.dtype))
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(idx, w_enc_t, per_sample_weights=g, mode="sum")

@@ -1,0 +1,40 @@
+"""Logit lens of unit directions: unembed(final_norm(direction)), top promoted and suppressed tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..dictionaries import Dictionary
+from ..sites import unembed_modules
+from ..subject import Subject
+
+
+@torch.inference_mode()
+def logit_lens(subject: Subject, dictionary: Dictionary, top: int = 10, chunk: int = 512) -> dict[str, list[Any]]:
+    """Per unit: the `top` tokens its direction promotes and suppresses most, with their logits.
+
+    Returns empty lists when the directions do not live in the residual stream (their width differs
+    from the unembedding's input).
+    """
+    norm, unembed = unembed_modules(subject.model)
+    dirs = dictionary.directions.detach()
+    n = dictionary.n_units
+    if dirs.shape[-1] != unembed.weight.shape[-1]:
+        return {k: [None] * n for k in ("promoted_tokens", "promoted_logits", "suppressed_tokens", "suppressed_logits")}
+    vocab = {}
+    out: dict[str, list[Any]] = {"promoted_tokens": [], "promoted_logits": [], "suppressed_tokens": [],
+                                 "suppressed_logits": []}
+    for lo in range(0, n, chunk):
+        d = dirs[lo:lo + chunk].to(device=subject.device, dtype=subject.dtype)
+        logits = unembed(norm(d[:, None, :]))[:, 0].float()
+        for key, sign in (("promoted", 1.0), ("suppressed", -1.0)):
+            vals, ids = (sign * logits).topk(top, dim=-1)
+            for row_v, row_i in zip(vals.tolist(), ids.tolist()):
+                for i in row_i:
+                    if i not in vocab:
+                        vocab[i] = subject.tokenizer.decode([i])
+                out[f"{key}_tokens"].append([vocab[i] for i in row_i])
+                out[f"{key}_logits"].append([round(sign * v, 4) for v in row_v])
+    return out

@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny random HF models built here (fast), and the real default model (integration)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_tokenizer():
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([topics[k] for k in sorted(topics)[:40]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_model(family: str, vocab: int):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if family == "llama":
+        cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+        return tf.LlamaForCausalLM(cfg)
+    if family == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, n_positions=256)
+        return tf.GPT2LMHeadModel(cfg)
+    if family == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                               num_attention_heads=4, max_position_embeddings=256)
+        return tf.GPTNeoXForCausalLM(cfg)
+    raise ValueError(family)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt2", "gpt_neox"])
+def tiny_subject(request, tokenizer):
+    from unitscope import load_subject
+
+    return load_subject(tiny_model(request.param, len(tokenizer)), tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def llama_subject(tokenizer):
+    from unitscope import load_subject
+
+    return load_subject(tiny_model("llama", len(tokenizer)), tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Llama saved as a local model directory, for the CLI (loads like any HF directory)."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", len(tokenizer)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def default_subject():
+    from unitscope import load_subject
+
+    return load_subject("default")
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
+    """Run `python -m unitscope ARGS` as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "unitscope", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout)

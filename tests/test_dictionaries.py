@@ -1,0 +1,54 @@
+"""Dictionary protocol: SAELens-layout files round-trip; bad widths and unknown architectures fail clearly."""
+
+import json
+
+import pytest
+import torch
+
+from unitscope import UnitscopeError, load_dictionary
+from unitscope.dictionaries.linear import Neurons
+from unitscope.dictionaries.sae import TopKSAE
+
+
+def test_topk_round_trips_through_saelens_layout(tmp_path):
+    sae = TopKSAE(16, 64, k=4, metadata={"hook_name": "blocks.0.resid_post", "model_name": "m"})
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+    sae.save(tmp_path / "d")
+    cfg = json.loads((tmp_path / "d" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["d_in"] == 16 and cfg["d_sae"] == 64 and cfg["k"] == 4
+    assert cfg["metadata"]["hook_name"] == "blocks.0.resid_post"
+    loaded = load_dictionary(tmp_path / "d")
+    x = torch.randn(3, 5, 16)  # leading dims of any shape
+    codes = sae.encode(x)
+    assert codes.shape == (3, 5, 64) and ((codes > 0).sum(-1) <= 4).all()
+    assert torch.equal(loaded.encode(x), codes)
+    assert torch.equal(loaded.decode(codes), sae.decode(codes))
+    assert loaded.directions.shape == (64, 16)
+
+
+def test_neurons_are_an_exact_identity(tmp_path):
+    n = Neurons(8, metadata={"hook_name": "s"})
+    x = torch.randn(2, 8)
+    assert torch.equal(n(x), x)
+    n.save(tmp_path / "n")
+    assert torch.equal(load_dictionary(tmp_path / "n").directions, torch.eye(8))
+
+
+def test_wrong_width_is_a_clear_error():
+    with pytest.raises(UnitscopeError, match="width 10, but this topk dictionary expects width 16"):
+        TopKSAE(16, 32, k=2).encode(torch.randn(4, 10))
+
+
+def test_unknown_architecture_in_cfg(tmp_path):
+    TopKSAE(4, 8, k=2).save(tmp_path / "d")
+    cfg = json.loads((tmp_path / "d" / "cfg.json").read_text())
+    (tmp_path / "d" / "cfg.json").write_text(json.dumps({**cfg, "architecture": "mystery"}))
+    with pytest.raises(UnitscopeError, match="unknown dictionary architecture 'mystery'.*known architectures are"):
+        load_dictionary(tmp_path / "d")
+
+
+def test_k_larger_than_width_is_refused():
+    with pytest.raises(UnitscopeError, match="k=40"):
+        TopKSAE(4, 32, k=40)
