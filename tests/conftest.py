@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def tiny_tokenizer():
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

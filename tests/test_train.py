@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unitscope import Corpus, load_dictionary, record
-from unitscope.dictionaries.train import Trainer, TrainConfig
+from unitscope.dictionaries.train import TrainConfig, Trainer
 
 
 @pytest.fixture(scope="module")

@@ -160,9 +160,12 @@ def cmd_record(args) -> int:
 
     if args.tokens <= 0:
         raise UnitscopeError(f"--tokens must be a positive number of tokens, not {args.tokens}")
+    subject = _subject(args)
+    for site in args.site or [DEFAULT_SITE]:
+        subject.site(site)  # an unknown site fails before the corpus is read
     corpus = Corpus(args.corpus, field=args.field)
-    corpus.documents()  # a bad corpus fails before the model loads
-    store = record(_subject(args), corpus, args.site or [DEFAULT_SITE], args.tokens, args.out,
+    corpus.documents()
+    store = record(subject, corpus, args.site or [DEFAULT_SITE], args.tokens, args.out,
                    ctx_len=args.ctx_len, batch_size=args.record_batch_size, shard_tokens=args.shard_tokens,
                    overwrite=args.overwrite, progress=not args.quiet)
     print(f"store {args.out}: {store.n_tokens} tokens in {store.n_shards} shards, sites {', '.join(store.sites)}")

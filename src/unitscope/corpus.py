@@ -14,7 +14,9 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 import random
+import sys
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +38,36 @@ class Window:
 
 
 def default_documents() -> list[str]:
-    """Python's own documentation: pydoc topics plus one document per stdlib module of docstrings."""
+    """Python's own documentation: pydoc topics plus one document per stdlib module of docstrings.
+
+    Parsing the standard library takes a few seconds, so the result is cached per Python version.
+    """
+    from .subject import cache_dir
+
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    cached = cache_dir() / "corpus" / f"default-{version}-{_stdlib_stamp()}.json"
+    if cached.is_file():
+        try:
+            return json.loads(cached.read_text())
+        except (json.JSONDecodeError, OSError):
+            pass
+    docs = _build_default_documents()
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(docs))
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # a read-only cache only costs time
+    return docs
+
+
+def _stdlib_stamp() -> str:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return hashlib.sha256(f"{stdlib}:{stdlib.stat().st_mtime_ns}:{sys.version}".encode()).hexdigest()[:12]
+
+
+def _build_default_documents() -> list[str]:
     from pydoc_data.topics import topics
 
     docs = [topics[k] for k in sorted(topics)]

@@ -115,7 +115,8 @@ def load_subject(spec: str | nn.Module = "default", dtype: str | torch.dtype = "
     dt = parse_dtype(dtype)
     if isinstance(spec, nn.Module):
         if tokenizer is None:
-            raise UnitscopeError("a model passed as an nn.Module needs its tokenizer: load_subject(model, tokenizer=tok)")
+            raise UnitscopeError(
+                "a model passed as an nn.Module needs its tokenizer: load_subject(model, tokenizer=tok)")
         return Subject(spec.to(device=device, dtype=dt).eval(), tokenizer, type(spec).__name__)
     spec = str(spec)
     if spec in DEFAULT_NAMES:

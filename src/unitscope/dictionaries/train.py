@@ -51,7 +51,8 @@ class TrainConfig:
         if self.architecture not in ARCHITECTURES or not issubclass(ARCHITECTURES[self.architecture],
                                                                      SparseAutoencoder):
             trainable = sorted(n for n, c in ARCHITECTURES.items() if issubclass(c, SparseAutoencoder))
-            raise UnitscopeError(f"unknown architecture {self.architecture!r}; trainable ones are {', '.join(trainable)}")
+            raise UnitscopeError(
+                f"unknown architecture {self.architecture!r}; trainable ones are {', '.join(trainable)}")
         if self.n_units <= 0:
             raise UnitscopeError(f"--units must be positive, not {self.n_units}")
         if not 0 < self.k <= self.n_units:

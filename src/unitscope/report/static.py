@@ -26,7 +26,7 @@ vertical-align:top}th{cursor:pointer;background:#f5f5f7;position:sticky;top:0}th
 .ex span.a{border-radius:2px}.meta{color:#666}.pill{display:inline-block;background:#eef;border-radius:3px;
 padding:0 4px;margin:1px;font-family:ui-monospace,monospace;white-space:pre}.sup{background:#fee}
 input{font-size:1em;padding:4px 8px;width:22em}.bars{display:flex;align-items:flex-end;height:60px;gap:1px}
-.bars div{background:#4a78c2;width:14px}.metrics td{border:none;padding:1px 10px}
+.bars div{background:#4a78c2;width:14px}.metrics{width:auto}.metrics td{border:none;padding:1px 10px}
 """
 
 INDEX_JS = """
@@ -58,7 +58,8 @@ def _example_html(tokens: list[str], acts: list[float], vmax: float, snippet: bo
     for t, v in zip(tokens[lo:hi], a[lo:hi]):
         if v > 0:
             alpha = min(1.0, float(v) / vmax) if vmax > 0 else 0
-            parts.append(f'<span class=a style="background:rgba(255,120,0,{alpha:.2f})" title="{v:.3f}">{_esc(t)}</span>')
+            style = f"background:rgba(255,120,0,{alpha:.2f})"
+            parts.append(f'<span class=a style="{style}" title="{v:.3f}">{_esc(t)}</span>')
         else:
             parts.append(_esc(t))
     return ("…" if lo > 0 else "") + "".join(parts) + ("…" if hi < len(tokens) else "")
@@ -72,7 +73,8 @@ def _metrics_html(evals: dict[str, Any]) -> str:
             ("CE loss recovered", m["model_performance_preservation"]["ce_loss_score"]),
             ("KL with dictionary", m["model_behavior_preservation"]["kl_div_with_sae"]),
             ("dead units", m["misc"]["frac_dead_units"]), ("dense units (>10%)", m["misc"]["frac_dense_units"])]
-    return "<table class=metrics>" + "".join(f"<tr><td>{k}</td><td class=num>{v:.4f}</td></tr>" for k, v in rows) + "</table>"
+    cells = "".join(f"<tr><td>{k}</td><td class=num>{v:.4f}</td></tr>" for k, v in rows)
+    return f"<table class=metrics>{cells}</table>"
 
 
 def write_report(out: str | Path, explain_dir: str | Path, title: str, eval_json: str | Path | None = None,
@@ -94,7 +96,7 @@ def write_report(out: str | Path, explain_dir: str | Path, title: str, eval_json
         example = ""
         if first:
             peak = int(np.argmax(first["acts"]))
-            example = "".join(first["tokens"][max(0, peak - 6):peak + 3])
+            example = "".join(first["tokens"][max(0, peak - 6):peak + 3]).replace("\n", "↵")
         promoted = u.get("promoted_tokens") or []
         words = set(t.strip().lower() for t in promoted)
         for ex in exs[:5]:
@@ -108,7 +110,8 @@ def write_report(out: str | Path, explain_dir: str | Path, title: str, eval_json
     info_html = "".join(f"<div class=meta>{_esc(k)}: {_esc(str(v))}</div>" for k, v in (info or {}).items())
     page = f"""<!doctype html><html><head><meta charset=utf-8><title>{_esc(title)}</title><style>{CSS}</style></head>
 <body><h1>{_esc(title)}</h1>{info_html}{_metrics_html(evals)}
-<h2>Units</h2><p><input id=q placeholder="search by token (top examples, promoted tokens)"> <span id=n class=meta></span></p>
+<h2>Units</h2>
+<p><input id=q placeholder="search by token (top examples, promoted tokens)"> <span id=n class=meta></span></p>
 <table><thead><tr><th onclick="sortBy('unit')">unit</th><th onclick="sortBy('frequency')">frequency</th>
 <th onclick="sortBy('max_activation')">max activation</th><th>logit lens: promoted</th><th>top example</th></tr></thead>
 <tbody id=tb></tbody></table>
