@@ -38,8 +38,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--architecture", default="topk", help="dictionary kind (topk, ...)")
     p.add_argument("--units", type=int, default=4608, help="number of units (latents)")
     p.add_argument("--k", type=int, default=32, help="active latents per token for TopK kinds")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-4/sqrt(units/16384))")
-    p.add_argument("--batch-size", type=int, default=4096, help="tokens per training step")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3*sqrt(4608/units))")
+    p.add_argument("--batch-size", type=int, default=2048, help="tokens per training step")
     p.add_argument("--train-tokens", type=int, default=1_000_000, help="tokens to train on (epochs over the store)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
@@ -83,8 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="store directory")
     p.add_argument("--overwrite", action="store_true", help="replace a store recorded with other options")
 
-    p = sub.add_parser("train", help="train a dictionary from a store")
-    p.add_argument("--store", required=True)
+    p = sub.add_parser("train", help="train or fit a dictionary from a store (or labelled text)")
+    p.add_argument("--store", default=None, help="activation store (every kind but diffmean and probe)")
+    p.add_argument("--labels", default=None, help="JSONL of {text, label} rows, for diffmean and probe")
+    p.add_argument("--model", default="default", help="model for neurons/snmf directions and labelled kinds")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--site", default=None, help="store site to train on (default: the store's first)")
     p.add_argument("--out", required=True, help="dictionary directory")
     p.add_argument("--overwrite", action="store_true", help="discard a checkpoint and start again")
@@ -173,8 +177,27 @@ def cmd_record(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .dictionaries import fit
     from .dictionaries.train import train
+    from .store import Store
 
+    if args.architecture in fit.FROM_LABELS:
+        if not args.labels or not args.site:
+            raise UnitscopeError(f"{args.architecture} needs --labels FILE.jsonl and --site (it runs the model)")
+        d = fit.fit_from_labels(_subject(args), args.site, args.architecture, args.labels)
+        d.save(args.out)
+        print(f"dictionary {args.out}: {d.architecture}, concepts {', '.join(d.metadata['concepts'])}")
+        return 0
+    if not args.store:
+        raise UnitscopeError("give --store DIR (an activation store recorded with `unitscope record`)")
+    if args.architecture in fit.FROM_STORE:
+        store = Store.open(args.store)
+        site = args.site or store.sites[0]
+        subject = _subject(args) if args.architecture in ("neurons", "snmf") and args.model != "none" else None
+        d = fit.fit_from_store(store, site, args.architecture, args.units, subject=subject, seed=args.seed)
+        d.save(args.out)
+        print(f"dictionary {args.out}: {d.architecture}, {d.n_units} units")
+        return 0
     cfg = _train_config(args)
     cfg.validate()
     d = train(args.store, args.site, cfg, args.out, progress=not args.quiet, overwrite=args.overwrite)

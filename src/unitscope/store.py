@@ -219,34 +219,36 @@ class Store:
             return np.zeros(0, dtype=np.int32)
         return np.concatenate([self.shard(i).get(key).numpy() for i in range(self.n_shards)])
 
-    def batches(self, site: str, batch_size: int, mask: np.ndarray | None = None, seed: int = 0,
-                start_batch: int = 0, epochs: int | None = None) -> Iterator[torch.Tensor]:
+    def batches(self, site: str | list[str], batch_size: int, mask: np.ndarray | None = None, seed: int = 0,
+                start_batch: int = 0, epochs: int | None = None, drop_last: bool = True) -> Iterator:
         """Shuffled batches of rows of `site` (rows where `mask` holds), deterministic in (seed, epoch).
 
         Rows are drawn shard-group by shard-group (up to `group` shards at a time), so memory stays
         bounded by a few shards however large the store is; `start_batch` skips ahead without reading
         the skipped data, which is what makes resumed training exact.
         """
-        for batch_idx, shard_rows in self.batch_plan(batch_size, mask, seed, start_batch, epochs):
-            parts = [self.acts(site, s)[torch.from_numpy(rows)] for s, rows in shard_rows]
-            out = torch.cat(parts) if len(parts) > 1 else parts[0]
-            bad = ~torch.isfinite(out.float()).all(dim=1)
-            if bad.any():
-                names = sorted({Path(self.manifest["shards"][s]["file"]).name for s, _ in shard_rows})
-                raise UnitscopeError(
-                    f"non-finite activations (NaN or inf) in batch {batch_idx} of site {site!r}, from shard(s) "
-                    f"{', '.join(names)}"
-                )
-            yield out
+        sites = [site] if isinstance(site, str) else list(site)
+        for batch_idx, shard_rows in self.batch_plan(batch_size, mask, seed, start_batch, epochs, drop_last=drop_last):
+            outs = []
+            for name in sites:
+                parts = [self.acts(name, s)[torch.from_numpy(rows)] for s, rows in shard_rows]
+                out = torch.cat(parts) if len(parts) > 1 else parts[0]
+                if not torch.isfinite(out).all():
+                    bad = sorted({Path(self.manifest["shards"][s]["file"]).name for s, rows in shard_rows
+                                  if not torch.isfinite(self.acts(name, s)[torch.from_numpy(rows)]).all()})
+                    raise UnitscopeError(
+                        f"non-finite activations (NaN or inf) at site {name!r} in shard(s) {', '.join(bad)}")
+                outs.append(out)
+            yield outs[0] if isinstance(site, str) else tuple(outs)
 
     def batch_plan(self, batch_size: int, mask: np.ndarray | None, seed: int, start_batch: int = 0,
-                   epochs: int | None = None, group: int = 4):
+                   epochs: int | None = None, group: int = 4, drop_last: bool = True):
         sizes = [s["tokens"] for s in self.manifest["shards"]]
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         valid = np.flatnonzero(mask) if mask is not None else np.arange(offsets[-1])
         if len(valid) < batch_size:
             raise UnitscopeError(f"the store holds {len(valid)} usable tokens, fewer than one batch of {batch_size}")
-        per_epoch = len(valid) // batch_size
+        per_epoch = len(valid) // batch_size if drop_last else -(-len(valid) // batch_size)
         epoch = start_batch // per_epoch
         skip = start_batch % per_epoch
         batch_idx = start_batch

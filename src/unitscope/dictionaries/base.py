@@ -61,7 +61,12 @@ class Dictionary(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        return self.reconstruct(x)[1]
+
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, reconstruction at the output site); skip transcoders add their linear path here."""
+        codes = self.encode(x)
+        return codes, self.decode(codes)
 
     @property
     def input_site(self) -> str | None:

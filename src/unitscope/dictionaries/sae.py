@@ -6,6 +6,7 @@ returns dense codes; training (`training_forward`) uses the sparse kernels and r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,22 +38,27 @@ def fvu(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
 class SparseAutoencoder(Dictionary):
     """Shared weights and file handling of every SAE kind."""
 
+    skip: bool = False  # skip transcoders add W_skip @ x to the reconstruction
+    tied_init: bool = True  # start with W_enc = W_decᵀ (input and output in one space); not for transcoders
+
     def __init__(self, d_in: int, n_units: int, metadata: dict[str, Any] | None = None,
                  apply_b_dec_to_input: bool = True, d_out: int | None = None):
         super().__init__(d_in, n_units, d_out, metadata)
-        self.apply_b_dec_to_input = apply_b_dec_to_input
+        self.apply_b_dec_to_input = apply_b_dec_to_input and self.d_out == self.d_in
         self.W_enc = nn.Parameter(torch.empty(self.d_in, self.n_units))
         self.b_enc = nn.Parameter(torch.zeros(self.n_units))
         self.W_dec = nn.Parameter(torch.empty(self.n_units, self.d_out))
         self.b_dec = nn.Parameter(torch.zeros(self.d_out))
+        if self.skip:
+            self.W_skip = nn.Parameter(torch.zeros(self.d_out, self.d_in))
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         with torch.no_grad():
             w = torch.randn(self.n_units, self.d_out, generator=generator)
             self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
-            if self.d_out == self.d_in:
-                self.W_enc.copy_(self.W_dec.t())
+            if self.tied_init and self.d_out == self.d_in:
+                self.W_enc.copy_(self.W_dec.t())  # tied initialisation: input and output share a space
             else:
                 self.W_enc.copy_(torch.randn(self.d_in, self.n_units, generator=generator) / self.d_in ** 0.5)
 
@@ -60,9 +66,15 @@ class SparseAutoencoder(Dictionary):
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         self.check_width(x)
         x = x.to(self.W_enc.dtype)
-        if self.apply_b_dec_to_input and self.d_out == self.d_in:
+        if self.apply_b_dec_to_input:
             x = x - self.b_dec
         return x @ self.W_enc + self.b_enc
+
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        codes, recon = super().reconstruct(x)
+        if self.skip:
+            recon = recon + x.to(self.W_skip.dtype) @ self.W_skip.t()
+        return codes, recon
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -97,23 +109,51 @@ class SparseAutoencoder(Dictionary):
                 f"cfg.json asks for normalize_activations={cfg['normalize_activations']!r}, which this loader "
                 "does not apply; fold the scaling into the weights and set it to 'none'"
             )
+        if cls.skip and "W_skip" not in weights:
+            raise UnitscopeError(f"the weights of this {cfg['architecture']} dictionary lack 'W_skip'")
         sae = cls(d_in, d_sae, metadata=cfg.get("metadata", {}),
                   apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True),
                   d_out=weights["W_dec"].shape[1], **cls._kwargs(cfg))
         sae.load_state_dict({k: v for k, v in weights.items() if k in sae.state_dict()}, strict=False)
+        if cfg.get("rescale_acts_by_decoder_norm"):
+            _fold_decoder_norm(sae)
         return sae.to(weights["W_enc"].dtype)
 
     # ---- training ---------------------------------------------------------------------------------
-    def fold_scaling(self, scale: float) -> None:
-        """Trained on x*scale; make the saved weights act on raw x and reconstruct raw x."""
+    def fold_scaling(self, scale: float, out_scale: float | None = None) -> None:
+        """Trained on x*scale (targets y*out_scale); make the saved weights act on and give raw values."""
+        out_scale = scale if out_scale is None else out_scale
         with torch.no_grad():
             self.W_enc.mul_(scale)
-            self.W_dec.div_(scale)
-            self.b_dec.div_(scale)
+            self.W_dec.div_(out_scale)
+            self.b_dec.div_(out_scale)
+            if self.skip:
+                self.W_skip.mul_(scale / out_scale)
+        if self.apply_b_dec_to_input and scale != out_scale:
+            raise UnitscopeError("an SAE that subtracts b_dec from its input needs one scale for input and output")
+
+    def inference_weights(self) -> dict[str, torch.Tensor]:
+        return self.weights()
+
+    # Dense training path (ReLU-like kinds); TopK kinds override with the sparse kernels.
+    def activate_train(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, sparsity penalty) for one batch of pre-activations."""
+        raise NotImplementedError
 
     def training_forward(self, x: torch.Tensor, dead: torch.Tensor | None = None,
-                         target: torch.Tensor | None = None) -> TrainOutput:
-        raise NotImplementedError
+                         target: torch.Tensor | None = None,
+                         compute_dtype: torch.dtype | None = None) -> TrainOutput:
+        target = x if target is None else target
+        x_in = x - self.b_dec if self.apply_b_dec_to_input else x
+        pre = torch.addmm(self.b_enc, x_in, self.W_enc)
+        codes, penalty = self.activate_train(pre)
+        recon = codes @ self.W_dec + self.b_dec
+        if self.skip:
+            recon = recon + x @ self.W_skip.t()
+        err = fvu(target, recon)
+        fired = codes > 0
+        return TrainOutput(err + penalty, err.detach(), float(fired.sum()) / x.shape[0],
+                           fired.any(0).nonzero().flatten(), {"penalty": float(penalty.detach())})
 
 
 @register("topk")
@@ -140,11 +180,14 @@ class TopKSAE(SparseAutoencoder):
     def _kwargs(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         return {"k": int(cfg.get("k", 32))}
 
+    def reconstruction_loss(self, target, acts, idx, recon) -> torch.Tensor:
+        return fvu(target, recon)
+
     def training_forward(self, x: torch.Tensor, dead: torch.Tensor | None = None,
                          target: torch.Tensor | None = None,
                          compute_dtype: torch.dtype | None = None) -> TrainOutput:
         target = x if target is None else target
-        x_in = x - self.b_dec if self.apply_b_dec_to_input and self.d_out == self.d_in else x
+        x_in = x - self.b_dec if self.apply_b_dec_to_input else x
         k = self.k
         n_dead = int(dead.sum()) if dead is not None else 0
         ka = min(self.aux_k, n_dead)
@@ -159,7 +202,9 @@ class TopKSAE(SparseAutoencoder):
         vals, idx = select_encode(x_in, self.W_enc.t(), self.b_enc, select, compute_dtype)
         acts = F.relu(vals[:, :k])
         recon = sparse_decode(acts, idx[:, :k], self.W_dec) + self.b_dec
-        loss = fvu(target, recon)
+        if self.skip:
+            recon = recon + x @ self.W_skip.t()
+        loss = self.reconstruction_loss(target, acts, idx[:, :k], recon)
         extra = {}
         if ka:
             err = (target - recon).detach()
@@ -170,3 +215,201 @@ class TopKSAE(SparseAutoencoder):
         fired_mask = acts > 0
         return TrainOutput(loss, loss.detach() if not ka else fvu(target, recon).detach(),
                            float(fired_mask.sum()) / x.shape[0], idx[:, :k][fired_mask], extra)
+
+
+def _fold_decoder_norm(sae: SparseAutoencoder) -> None:
+    """SAELens' rescale_acts_by_decoder_norm, folded into the weights (same codes times the row norms)."""
+    with torch.no_grad():
+        norms = sae.W_dec.norm(dim=1)
+        sae.W_enc.mul_(norms)
+        sae.b_enc.mul_(norms)
+        sae.W_dec.div_(norms[:, None])
+
+
+@register("standard")
+class StandardSAE(SparseAutoencoder):
+    """ReLU SAE with an L1 penalty weighted by decoder norm (Bricken et al. 2023; decoder rows unit-norm)."""
+
+    def __init__(self, d_in: int, n_units: int, l1_coefficient: float = 5e-3, **kw: Any):
+        super().__init__(d_in, n_units, **kw)
+        self.l1_coefficient = l1_coefficient
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        return F.relu(pre)
+
+    def activate_train(self, pre):
+        codes = F.relu(pre)
+        l1 = (codes * self.W_dec.norm(dim=1)).sum(1).mean() / self.d_in ** 0.5
+        return codes, self.l1_coefficient * l1
+
+
+class _StepSTE(torch.autograd.Function):
+    """Heaviside(pre - θ) with the rectangle-kernel pseudo-derivative in θ (Rajamanoharan et al. 2024)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        near = ((pre - threshold).abs() < bw / 2).to(pre.dtype)
+        return None, (-g * near / bw).sum(0), None
+
+
+class _JumpSTE(torch.autograd.Function):
+    """pre * 1[pre > θ]: exact gradient in pre above θ, kernel pseudo-derivative in θ."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        on = (pre > threshold).to(pre.dtype)
+        near = ((pre - threshold).abs() < bw / 2).to(pre.dtype)
+        return g * on, (-g * threshold * near / bw).sum(0), None
+
+
+@register("jumprelu")
+class JumpReLUSAE(SparseAutoencoder):
+    """Threshold-activated SAE: pre * 1[pre > θ] per latent, trained with an L0 penalty through a
+    straight-through estimator. BatchTopK SAEs are saved in this form too, as SAELens does."""
+
+    def __init__(self, d_in: int, n_units: int, l0_coefficient: float = 1e-3, bandwidth: float = 0.05,
+                 initial_threshold: float = 0.1, **kw: Any):
+        super().__init__(d_in, n_units, **kw)
+        self.l0_coefficient, self.bandwidth = l0_coefficient, bandwidth
+        self.log_threshold = nn.Parameter(torch.full((self.n_units,), math.log(initial_threshold)))
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        return F.relu(pre) * (pre > self.threshold.to(pre.dtype)).to(pre.dtype)
+
+    def activate_train(self, pre):
+        th = self.threshold
+        codes = _JumpSTE.apply(pre, th, self.bandwidth)
+        l0 = _StepSTE.apply(pre, th, self.bandwidth).sum(1).mean()
+        return codes, self.l0_coefficient * l0
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        w = {k: v.detach() for k, v in self.state_dict().items() if k != "log_threshold"}
+        w["threshold"] = self.threshold.detach()
+        return w
+
+    @classmethod
+    def from_weights(cls, cfg, weights):
+        if "threshold" not in weights:
+            raise UnitscopeError("the weights of a jumprelu dictionary lack 'threshold'")
+        th = weights["threshold"].float()
+        sae = super().from_weights(cfg, {k: v for k, v in weights.items() if k != "threshold"})
+        with torch.no_grad():
+            # thresholds <= 0 behave like 0 under ReLU(pre)*1[pre > θ]; keep them representable
+            sae.log_threshold.copy_(th.clamp_min(1e-30).log())
+        return sae
+
+
+@register("batchtopk")
+class BatchTopKSAE(TopKSAE):
+    """BatchTopK (Bussmann et al. 2024): the k*B largest activations over the whole batch. At inference a
+    single learned threshold replaces the batch, so it is saved as a `jumprelu` SAE, as SAELens does."""
+
+    def __init__(self, d_in: int, n_units: int, k: int = 32, threshold_lr: float = 0.01, **kw: Any):
+        super().__init__(d_in, n_units, k=k, **kw)
+        self.threshold_lr = threshold_lr
+        self.register_buffer("topk_threshold", torch.zeros(()))
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        return F.relu(pre) * (pre > self.topk_threshold).to(pre.dtype)
+
+    def activate_train(self, pre):
+        flat = F.relu(pre).flatten()
+        vals, idx = flat.topk(self.k * pre.shape[0])
+        codes = torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
+        with torch.no_grad():
+            pos = vals[vals > 0]
+            if len(pos) and self.topk_threshold == 0:
+                self.topk_threshold.fill_(pos.min())  # start the running estimate at the first batch's value
+            elif len(pos):
+                self.topk_threshold.mul_(1 - self.threshold_lr).add_(self.threshold_lr * pos.min())
+        return codes, pre.new_zeros(())
+
+    training_forward = SparseAutoencoder.training_forward
+
+    def save(self, path):
+        """Saved as the equivalent JumpReLU SAE (one threshold for every latent)."""
+        j = JumpReLUSAE(self.d_in, self.n_units, metadata={**self.metadata, "trained_as": "batchtopk", "k": self.k},
+                        apply_b_dec_to_input=self.apply_b_dec_to_input)
+        j.load_state_dict({k: v for k, v in self.state_dict().items() if k in j.state_dict()}, strict=False)
+        with torch.no_grad():
+            j.log_threshold.fill_(float(self.topk_threshold.clamp_min(1e-30).log()))
+        return j.save(path)
+
+
+@register("matryoshka_topk")
+class MatryoshkaTopKSAE(TopKSAE):
+    """Matryoshka SAE (Bussmann et al. 2025; Nabeshima 2024) with TopK latents: every prefix of the dictionary
+    (sizes in `prefixes`) is trained to reconstruct on its own, so early latents learn general features."""
+
+    def __init__(self, d_in: int, n_units: int, k: int = 32, prefixes: list[int] | None = None, **kw: Any):
+        super().__init__(d_in, n_units, k=k, **kw)
+        default = [n_units // 16, n_units // 4, n_units]
+        self.prefixes = sorted({int(p) for p in (prefixes or default) if 0 < int(p) <= n_units} | {n_units})
+
+    def arch_config(self) -> dict[str, Any]:
+        return {**super().arch_config(), "matryoshka_widths": self.prefixes}
+
+    @classmethod
+    def _kwargs(cls, cfg):
+        return {**super()._kwargs(cfg), "prefixes": cfg.get("matryoshka_widths")}
+
+    def reconstruction_loss(self, target, acts, idx, recon) -> torch.Tensor:
+        losses = [fvu(target, recon)]
+        for p in self.prefixes[:-1]:
+            part = sparse_decode(acts * (idx < p), idx, self.W_dec) + self.b_dec
+            losses.append(fvu(target, part))
+        return torch.stack(losses).mean()
+
+
+@register("transcoder")
+class Transcoder(StandardSAE):
+    """ReLU transcoder (SAELens layout, with d_out): reads one site, reconstructs another."""
+
+    tied_init = False
+
+    def __init__(self, d_in: int, n_units: int, **kw: Any):
+        kw["apply_b_dec_to_input"] = False
+        super().__init__(d_in, n_units, **kw)
+
+
+@register("skip_transcoder")
+class SkipTranscoder(Transcoder):
+    """Transcoder plus a linear skip connection W_skip [d_out, d_in] (Paulo et al. 2025)."""
+
+    skip = True
+
+
+@register("topk_transcoder")
+class TopKTranscoder(TopKSAE):
+    """TopK transcoder: reads `blocks.{i}.mlp_in`, reconstructs `blocks.{i}.mlp_out`."""
+
+    tied_init = False
+
+    def __init__(self, d_in: int, n_units: int, **kw: Any):
+        kw["apply_b_dec_to_input"] = False
+        super().__init__(d_in, n_units, **kw)
+
+
+@register("topk_skip_transcoder")
+class TopKSkipTranscoder(TopKTranscoder):
+    skip = True

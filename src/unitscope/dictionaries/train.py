@@ -9,6 +9,7 @@ weights, Adam state and counters in safetensors plus a JSON, so a killed run res
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import shutil
@@ -36,8 +37,8 @@ class TrainConfig:
     architecture: str = "topk"
     n_units: int = 4608
     k: int = 32
-    lr: float | None = None  # default 2e-4 / sqrt(n_units / 2**14), as in Gao et al.
-    batch_size: int = 4096
+    lr: float | None = None  # default 1e-3 * sqrt(4608 / n_units): tuned on SmolLM2 block 6 (see README)
+    batch_size: int = 2048
     train_tokens: int = 2_000_000
     warmup_frac: float = 0.05
     decay_frac: float = 0.2
@@ -55,7 +56,7 @@ class TrainConfig:
                 f"unknown architecture {self.architecture!r}; trainable ones are {', '.join(trainable)}")
         if self.n_units <= 0:
             raise UnitscopeError(f"--units must be positive, not {self.n_units}")
-        if not 0 < self.k <= self.n_units:
+        if _accepts(ARCHITECTURES[self.architecture], "k") and not 0 < self.k <= self.n_units:
             raise UnitscopeError(f"k={self.k} is not valid for {self.n_units} units; use 1 <= k <= {self.n_units}")
         if self.lr is not None and not self.lr > 0:
             raise UnitscopeError(f"the learning rate must be positive, not {self.lr}")
@@ -65,20 +66,29 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.n_units / 2**14)
+        return self.lr if self.lr is not None else 1e-3 * math.sqrt(4608 / self.n_units)
 
     @property
     def steps(self) -> int:
         return self.train_tokens // self.batch_size
 
 
-def build_dictionary(cfg: TrainConfig, d_in: int, metadata: dict[str, Any]) -> SparseAutoencoder:
+def _accepts(cls: type, name: str) -> bool:
+    return any(name in inspect.signature(c.__init__).parameters for c in cls.__mro__ if "__init__" in c.__dict__)
+
+
+def is_transcoder(architecture: str) -> bool:
+    return "transcoder" in architecture
+
+
+def build_dictionary(cfg: TrainConfig, d_in: int, metadata: dict[str, Any], d_out: int | None = None
+                     ) -> SparseAutoencoder:
     cls = ARCHITECTURES[cfg.architecture]
     kwargs: dict[str, Any] = dict(cfg.extra)
-    if "k" in cls.__init__.__code__.co_varnames:
+    if _accepts(cls, "k"):
         kwargs["k"] = cfg.k
     gen = torch.Generator().manual_seed(cfg.seed)
-    sae = cls(d_in, cfg.n_units, metadata=metadata, **kwargs)
+    sae = cls(d_in, cfg.n_units, metadata=metadata, d_out=d_out, **kwargs)
     sae.reset_parameters(gen)
     return sae
 
@@ -112,6 +122,7 @@ class Trainer:
         self.store, self.site, self.cfg, self.out, self.progress = store, site, cfg, Path(out), progress
         self.target_site = target_site
         d_in = store.width(site)
+        d_out = store.width(target_site) if target_site else None
         tokens, pos = store.column("tokens"), store.column("pos")
         specials = np.asarray(store.manifest.get("specials", []), dtype=np.int32)
         self.mask = training_mask(tokens, pos, specials)
@@ -121,10 +132,11 @@ class Trainer:
             "context_size": store.manifest["ctx_len"], "dataset_path": store.manifest["corpus"]["spec"],
             "prepend_bos": False, "exclude_first_position": True,
         }
-        self.sae = build_dictionary(cfg, d_in, metadata)
+        self.sae = build_dictionary(cfg, d_in, metadata, d_out)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
         self.step = 0
         self.scale = 1.0
+        self.out_scale = 1.0
         self.since_fired = torch.zeros(cfg.n_units, dtype=torch.long)
         self.log: list[dict[str, float]] = []
         self.seconds = 0.0
@@ -149,7 +161,7 @@ class Trainer:
                 tensors[f"adam.{name}.step"] = torch.as_tensor(st["step"]).reshape(1).float()
         tensors["since_fired"] = self.since_fired.clone()
         save_file(tensors, str(tmp / "state.safetensors"))
-        state = {"step": self.step, "scale": self.scale, "config": asdict(self.cfg), "site": self.site,
+        state = {"step": self.step, "scale": self.scale, "out_scale": self.out_scale, "config": asdict(self.cfg), "site": self.site,
                  "log": self.log, "seconds": self.seconds}
         (tmp / "state.json").write_text(json.dumps(state))
         shutil.rmtree(d, ignore_errors=True)
@@ -177,19 +189,29 @@ class Trainer:
                 }
         self.since_fired = tensors["since_fired"].clone()
         self.step, self.scale, self.log = state["step"], state["scale"], state["log"]
+        self.out_scale = state.get("out_scale", self.scale)
         self.seconds = state.get("seconds", 0.0)
         return True
 
     # ---- training ---------------------------------------------------------------------------------
     def _batches(self, start: int):
-        return self.store.batches(self.site, self.cfg.batch_size, self.mask, seed=self.cfg.seed, start_batch=start)
+        """Yields (input, target) batches; the target is the input itself except for transcoders."""
+        sites = [self.site, self.target_site] if self.target_site else [self.site]
+        for batch in self.store.batches(sites, self.cfg.batch_size, self.mask, seed=self.cfg.seed, start_batch=start):
+            yield batch[0].float(), batch[-1].float()
 
     def _initialise(self) -> None:
         it = self._batches(0)
-        sample = torch.cat([next(it).float() for _ in range(min(4, self.cfg.steps))])
-        self.scale = float(math.sqrt(self.sae.d_in / sample.pow(2).sum(1).mean().clamp_min(1e-12)))
+        xs, ys = zip(*[next(it) for _ in range(min(4, self.cfg.steps))])
+        x, y = torch.cat(xs), torch.cat(ys)
+
+        def scale_of(t: torch.Tensor) -> float:
+            return float(math.sqrt(t.shape[1] / t.pow(2).sum(1).mean().clamp_min(1e-12)))
+
+        self.scale = scale_of(x)
+        self.out_scale = scale_of(y) if self.target_site else self.scale
         with torch.no_grad():
-            self.sae.b_dec.copy_(geometric_median(sample[:4096] * self.scale))
+            self.sae.b_dec.copy_(geometric_median(y[:4096] * self.out_scale))
 
     def run(self) -> Dictionary:
         cfg = self.cfg
@@ -203,11 +225,13 @@ class Trainer:
         try:
             batches = self._batches(self.step)
             while self.step < cfg.steps:
-                x = next(batches).float() * self.scale
+                x, y = next(batches)
+                x = x * self.scale
+                y = y * self.out_scale if self.target_site else x
                 dead = self.since_fired >= cfg.dead_tokens
                 for g in self.opt.param_groups:
                     g["lr"] = lr_at(self.step, cfg)
-                out = self.sae.training_forward(x, dead=dead, compute_dtype=compute)
+                out = self.sae.training_forward(x, dead=dead, target=y, compute_dtype=compute)
                 self.opt.zero_grad(set_to_none=True)
                 out.loss.backward()
                 self._constrain_decoder_grad()
@@ -246,7 +270,7 @@ class Trainer:
 
     def finish(self) -> Dictionary:
         final = self.sae
-        final.fold_scaling(self.scale)
+        final.fold_scaling(self.scale, self.out_scale)
         final.metadata["activation_scale_folded"] = self.scale
         final.save(self.out)
         summary = {"config": asdict(self.cfg), "site": self.site, "steps": self.step,
@@ -259,12 +283,22 @@ class Trainer:
 
 
 def train(store: Store | str | Path, site: str | None, cfg: TrainConfig, out: str | Path,
-          progress: bool = True, overwrite: bool = False) -> Dictionary:
-    """Train a dictionary on `site` of a store and save it at `out` (resuming a killed run)."""
+          progress: bool = True, overwrite: bool = False, target_site: str | None = None) -> Dictionary:
+    """Train a dictionary on `site` of a store and save it at `out` (resuming a killed run).
+
+    Transcoders read `site` and reconstruct `target_site` (default: `blocks.{i}.mlp_in` -> `mlp_out`).
+    """
     store = store if isinstance(store, Store) else Store.open(store)
+    cfg.validate()
+    if is_transcoder(cfg.architecture):
+        site = site or next((s for s in store.sites if s.endswith("mlp_in")), None)
+        if site is None:
+            raise UnitscopeError(f"a transcoder needs a store with an mlp_in site; it holds {', '.join(store.sites)}")
+        target_site = target_site or site.replace("mlp_in", "mlp_out")
+        store.width(target_site)
     site = site or store.sites[0]
     store.width(site)
     out = Path(out)
     if overwrite:
         shutil.rmtree(out.with_name(f".{out.name}.{CKPT}"), ignore_errors=True)
-    return Trainer(store, site, cfg, out, progress=progress).run()
+    return Trainer(store, site, cfg, out, progress=progress, target_site=target_site).run()

@@ -76,8 +76,8 @@ def evaluate_fidelity(subject: Subject, dictionary: Dictionary, corpus: Corpus, 
         with subject.capture([in_site, out_site]) as acts:
             clean_logits = subject.logits(ids)
         x, y = acts[in_site], acts[out_site]
-        codes = dictionary.encode(x.to(ddtype))
-        recon = dictionary.decode(codes).to(y.dtype)
+        codes, recon = dictionary.reconstruct(x.to(ddtype))
+        recon = recon.to(y.dtype)
         ym, rm = y[m].float(), recon[m].float()
         sq_err += float((ym - rm).pow(2).sum())
         sum_y = ym.sum(0) if sum_y is None else sum_y + ym.sum(0)

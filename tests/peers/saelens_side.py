@@ -1,0 +1,36 @@
+"""Runs inside an environment with sae-lens: writes SAELens-saved SAEs with their encodings, and encodes
+unitscope-saved SAEs with SAELens. Usage: python saelens_side.py WORKDIR"""
+
+import sys
+from pathlib import Path
+
+import torch
+from sae_lens import SAE
+from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+from safetensors.torch import load_file, save_file
+
+work = Path(sys.argv[1])
+x = load_file(str(work / "inputs.safetensors"))["x"]
+torch.manual_seed(0)
+out = {}
+for name, sae in (("topk", TopKSAE(TopKSAEConfig(d_in=x.shape[1], d_sae=96, k=7))),
+                  ("topk_rescaled", TopKSAE(TopKSAEConfig(d_in=x.shape[1], d_sae=96, k=7,
+                                                          rescale_acts_by_decoder_norm=True))),
+                  ("jumprelu", JumpReLUSAE(JumpReLUSAEConfig(d_in=x.shape[1], d_sae=96)))):
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        if name == "jumprelu":
+            sae.threshold.copy_(torch.rand_like(sae.threshold) * 0.5)
+    sae.save_model(str(work / f"saelens_{name}"))
+    out[name] = sae.encode(x).detach()
+save_file(out, str(work / "saelens_codes.safetensors"))
+
+ours = {}
+for d in sorted(work.glob("unitscope_*")):
+    sae = SAE.load_from_disk(str(d), device="cpu")
+    ours[d.name] = sae.encode(x).detach()
+    ours[d.name + ".recon"] = sae.decode(ours[d.name]).detach()
+save_file(ours, str(work / "unitscope_codes_by_saelens.safetensors"))
+print("ok", sorted(out), sorted(ours))

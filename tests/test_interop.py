@@ -1,0 +1,69 @@
+"""SAELens interoperability, checked against SAELens itself running in its own environment.
+
+The environment is made on first use (a venv with torch 2.13 and sae-lens) under the unitscope cache, so
+CI and a fresh checkout check the same thing.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from unitscope import load_dictionary
+from unitscope.dictionaries.sae import JumpReLUSAE, TopKSAE
+from unitscope.subject import cache_dir
+
+SAELENS = "sae-lens==6.54.12"
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="session")
+def saelens_python() -> Path:
+    env = Path(os.environ.get("UNITSCOPE_SAELENS_ENV", cache_dir() / "peers" / "saelens"))
+    py = env / "bin" / "python"
+    if not (env / ".ready").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+        pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        subprocess.run([*pip, "torch==2.13.0"], check=True)
+        subprocess.run([*pip, SAELENS], check=True)
+        (env / ".ready").write_text(SAELENS)
+    return py
+
+
+def test_saelens_and_unitscope_encode_each_others_files_identically(saelens_python, tmp_path):
+    torch.manual_seed(1)
+    x = torch.randn(64, 24) * 2
+    save_file({"x": x}, str(tmp_path / "inputs.safetensors"))
+    ours = {
+        "topk": TopKSAE(24, 80, k=5, metadata={"hook_name": "blocks.0.resid_post", "model_name": "m"}),
+        "jumprelu": JumpReLUSAE(24, 80, metadata={"hook_name": "blocks.0.resid_post", "model_name": "m"}),
+    }
+    for name, sae in ours.items():
+        with torch.no_grad():
+            for p in sae.parameters():
+                p.copy_(torch.randn_like(p) * 0.3)
+            if name == "jumprelu":
+                sae.log_threshold.copy_((torch.rand(80) * 0.5).log())
+        sae.save(tmp_path / f"unitscope_{name}")
+    p = subprocess.run([str(saelens_python), str(HERE / "peers" / "saelens_side.py"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    # SAELens-saved SAEs, loaded by unitscope, encode as SAELens does
+    theirs = load_file(str(tmp_path / "saelens_codes.safetensors"))
+    for name in ("topk", "topk_rescaled", "jumprelu"):
+        d = load_dictionary(tmp_path / f"saelens_{name}")
+        codes = d.encode(x).detach()
+        assert (codes - theirs[name]).abs().max() < 1e-5, name
+        assert ((codes != 0) == (theirs[name] != 0)).all(), name
+
+    # unitscope-saved SAEs, loaded by SAELens, encode and decode as unitscope does
+    by_saelens = load_file(str(tmp_path / "unitscope_codes_by_saelens.safetensors"))
+    for name, sae in ours.items():
+        codes = sae.encode(x).detach()
+        assert (by_saelens[f"unitscope_{name}"] - codes).abs().max() < 1e-5, name
+        assert (by_saelens[f"unitscope_{name}.recon"] - sae.decode(codes).detach()).abs().max() < 1e-4, name
