@@ -228,7 +228,7 @@ class Store:
         the skipped data, which is what makes resumed training exact.
         """
         sites = [site] if isinstance(site, str) else list(site)
-        for batch_idx, shard_rows in self.batch_plan(batch_size, mask, seed, start_batch, epochs, drop_last=drop_last):
+        for _, shard_rows in self.batch_plan(batch_size, mask, seed, start_batch, epochs, drop_last=drop_last):
             outs = []
             for name in sites:
                 parts = [self.acts(name, s)[torch.from_numpy(rows)] for s, rows in shard_rows]

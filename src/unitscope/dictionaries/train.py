@@ -161,8 +161,8 @@ class Trainer:
                 tensors[f"adam.{name}.step"] = torch.as_tensor(st["step"]).reshape(1).float()
         tensors["since_fired"] = self.since_fired.clone()
         save_file(tensors, str(tmp / "state.safetensors"))
-        state = {"step": self.step, "scale": self.scale, "out_scale": self.out_scale, "config": asdict(self.cfg), "site": self.site,
-                 "log": self.log, "seconds": self.seconds}
+        state = {"step": self.step, "scale": self.scale, "out_scale": self.out_scale, "config": asdict(self.cfg),
+                 "site": self.site, "log": self.log, "seconds": self.seconds}
         (tmp / "state.json").write_text(json.dumps(state))
         shutil.rmtree(d, ignore_errors=True)
         tmp.rename(d)
