@@ -264,7 +264,7 @@ def cmd_report(args) -> int:
     state_path = run / "run.json"
     if not state_path.is_file():
         raise UnitscopeError(f"{str(run)!r} is not a run directory: it has no run.json")
-    explain = sorted(p.parent for p in (run / "explain").glob("*/units.parquet"))
+    explain = sorted(p.parent for p in (run / "explain").glob("*/units.parquet"))  # one report per dictionary
     if not explain:
         raise UnitscopeError(f"run {str(run)!r} has no explanation tables yet; run `unitscope explain` first")
     index = None
@@ -306,7 +306,7 @@ def cmd_run(args) -> int:
     subject = _subject(args)
     for s in sites:
         subject.site(s)
-    did = f"{cfg.architecture}-{cfg.n_units}-k{cfg.k}"
+    did = f"{cfg.architecture}-{cfg.n_units}" + (f"-k{cfg.k}" if "topk" in cfg.architecture else "")
     store_dir, dict_dir = root / "store", root / "dictionaries" / did
     eval_path, explain_dir, report_dir = root / "evals" / did / "core.json", root / "explain" / did, root / "report"
     quiet = args.quiet
@@ -318,7 +318,16 @@ def cmd_run(args) -> int:
         return {"tokens": st.n_tokens, "shards": st.n_shards}
 
     def do_train():
-        train(store_dir, sites[0], cfg, dict_dir, progress=not quiet, overwrite="train" in run.redo)
+        from .dictionaries import fit
+
+        if cfg.architecture in fit.FROM_STORE:
+            fit.fit_from_store(Store.open(store_dir), sites[0], cfg.architecture, cfg.n_units, subject=subject,
+                               seed=cfg.seed).save(dict_dir)
+        elif cfg.architecture in fit.FROM_LABELS:
+            raise UnitscopeError(f"{cfg.architecture} needs labelled text; use `unitscope train --labels`")
+        else:
+            train(store_dir, sites[0] if "transcoder" not in cfg.architecture else None, cfg, dict_dir,
+                  progress=not quiet, overwrite="train" in run.redo)
         return {"dictionary": str(dict_dir.relative_to(root))}
 
     def do_eval():

@@ -204,19 +204,20 @@ class Corpus:
         if ctx_len < 2:
             raise UnitscopeError(f"context length {ctx_len} is too short; use at least 2")
         sep = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        # documents are joined with one separator token; empty documents contribute nothing
         buf_t: list[int] = []
         buf_d: list[int] = []
         index = 0
-        docs = self.documents()
-        for lo in range(0, len(docs), 64):
-            batch = docs[lo:lo + 64]
-            encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
-            for j, ids in enumerate(encoded):
-                if not ids:
-                    continue
-                ids = ([sep] if sep is not None else []) + list(ids)
+        for doc_ids, pieces in _pieces(self.documents()):
+            encoded = tokenizer(pieces, add_special_tokens=False)["input_ids"]
+            last = None
+            for doc, ids in zip(doc_ids, encoded):
+                if doc != last and sep is not None:
+                    buf_t.append(sep)
+                    buf_d.append(doc)
+                last = doc
                 buf_t += ids
-                buf_d += [lo + j] * len(ids)
+                buf_d += [doc] * len(ids)
             while len(buf_t) >= ctx_len:
                 if index >= start:
                     yield Window(np.asarray(buf_t[:ctx_len], dtype=np.int32),
@@ -224,6 +225,29 @@ class Corpus:
                                  np.arange(ctx_len, dtype=np.int32))
                 index += 1
                 del buf_t[:ctx_len], buf_d[:ctx_len]
+
+
+PIECE_CHARS = 8000  # tokenize long documents in pieces, so a short recording never tokenizes a whole corpus
+
+
+def _pieces(docs: list[str], per_batch: int = 16) -> Iterator[tuple[list[int], list[str]]]:
+    """Batches of (document index, text piece); pieces split long documents at line breaks."""
+    ids: list[int] = []
+    texts: list[str] = []
+    for d, text in enumerate(docs):
+        while text:
+            if len(text) <= PIECE_CHARS:
+                cut = len(text)
+            else:
+                cut = text.rfind("\n", 0, PIECE_CHARS) + 1 or PIECE_CHARS
+            ids.append(d)
+            texts.append(text[:cut])
+            text = text[cut:]
+            if len(texts) == per_batch:
+                yield ids, texts
+                ids, texts = [], []
+    if texts:
+        yield ids, texts
 
 
 def special_ids(tokenizer: Any) -> np.ndarray:

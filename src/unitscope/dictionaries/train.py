@@ -49,11 +49,9 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        if self.architecture not in ARCHITECTURES or not issubclass(ARCHITECTURES[self.architecture],
-                                                                     SparseAutoencoder):
-            trainable = sorted(n for n, c in ARCHITECTURES.items() if issubclass(c, SparseAutoencoder))
+        if self.architecture not in ARCHITECTURES:
             raise UnitscopeError(
-                f"unknown architecture {self.architecture!r}; trainable ones are {', '.join(trainable)}")
+                f"unknown architecture {self.architecture!r}; known ones are {', '.join(sorted(ARCHITECTURES))}")
         if self.n_units <= 0:
             raise UnitscopeError(f"--units must be positive, not {self.n_units}")
         if _accepts(ARCHITECTURES[self.architecture], "k") and not 0 < self.k <= self.n_units:
@@ -290,6 +288,9 @@ def train(store: Store | str | Path, site: str | None, cfg: TrainConfig, out: st
     """
     store = store if isinstance(store, Store) else Store.open(store)
     cfg.validate()
+    if not issubclass(ARCHITECTURES[cfg.architecture], SparseAutoencoder):
+        raise UnitscopeError(f"{cfg.architecture!r} is fitted, not trained by gradient descent; use "
+                             "unitscope.dictionaries.fit (the CLI's `train` does this for you)")
     if is_transcoder(cfg.architecture):
         site = site or next((s for s in store.sites if s.endswith("mlp_in")), None)
         if site is None:
