@@ -68,8 +68,8 @@ def test_bad_corpus(tiny_model_dir, tmp_path, kind):
     if kind == "latin1":
         path.write_bytes("d\xe9j\xe0 vu".encode("latin-1"))
     words = {"missing": "does not exist", "empty": "is empty", "latin1": "not UTF-8"}[kind]
-    _fails(run_cli("record", "--model", tiny_model_dir, "--corpus", path, "--tokens", "100", "--out", tmp_path / "s"),
-           words)
+    _fails(run_cli("record", "--model", tiny_model_dir, "--site", "blocks.1.resid_post", "--corpus", path, "--tokens",
+                   "100", "--out", tmp_path / "s"), words)
 
 
 @pytest.mark.parametrize("tokens", ["0", "-5"])

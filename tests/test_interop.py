@@ -1,6 +1,6 @@
 """SAELens interoperability, checked against SAELens itself running in its own environment.
 
-The environment is made on first use (a venv with torch 2.13 and sae-lens) under the unitscope cache, so
+The environment is made on first use (a venv with torch 2.13, sae-lens and sparsify) under the unitscope cache, so
 CI and a fresh checkout check the same thing.
 """
 
@@ -17,20 +17,20 @@ from unitscope import load_dictionary
 from unitscope.dictionaries.sae import JumpReLUSAE, TopKSAE
 from unitscope.subject import cache_dir
 
-SAELENS = "sae-lens==6.54.12"
+PEERS = ["sae-lens==6.54.12", "eai-sparsify==1.3.3"]
 HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="session")
 def saelens_python() -> Path:
-    env = Path(os.environ.get("UNITSCOPE_SAELENS_ENV", cache_dir() / "peers" / "saelens"))
+    env = Path(os.environ.get("UNITSCOPE_PEERS_ENV", cache_dir() / "peers" / "env"))
     py = env / "bin" / "python"
-    if not (env / ".ready").exists():
+    if not (env / ".ready").exists() or (env / ".ready").read_text() != " ".join(PEERS):
         subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
         pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
         subprocess.run([*pip, "torch==2.13.0"], check=True)
-        subprocess.run([*pip, SAELENS], check=True)
-        (env / ".ready").write_text(SAELENS)
+        subprocess.run([*pip, *PEERS], check=True)
+        (env / ".ready").write_text(" ".join(PEERS))
     return py
 
 
@@ -67,3 +67,19 @@ def test_saelens_and_unitscope_encode_each_others_files_identically(saelens_pyth
         codes = sae.encode(x).detach()
         assert (by_saelens[f"unitscope_{name}"] - codes).abs().max() < 1e-5, name
         assert (by_saelens[f"unitscope_{name}.recon"] - sae.decode(codes).detach()).abs().max() < 1e-4, name
+
+
+def test_sparsify_saved_coders_encode_identically(saelens_python, tmp_path):
+    torch.manual_seed(2)
+    x = torch.randn(64, 24) * 2
+    save_file({"x": x}, str(tmp_path / "inputs.safetensors"))
+    p = subprocess.run([str(saelens_python), str(HERE / "peers" / "sparsify_side.py"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    theirs = load_file(str(tmp_path / "sparsify_codes.safetensors"))
+    for name in ("sae", "transcoder"):
+        d = load_dictionary(tmp_path / f"sparsify_{name}")
+        codes, recon = d.reconstruct(x)
+        assert (codes.detach() - theirs[name]).abs().max() < 1e-5, name
+        assert (recon.detach() - theirs[f"{name}.out"]).abs().max() < 1e-4, name
+    assert load_dictionary(tmp_path / "sparsify_transcoder").architecture == "topk_skip_transcoder"

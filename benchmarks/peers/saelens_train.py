@@ -14,7 +14,8 @@ for step, xb in enumerate(batches(x, batch, steps)):
     out.loss.backward()
     opt.step()
     timer.step()
-sae.fold_W_dec_norm() if hasattr(sae, "fold_W_dec_norm") and sae.cfg.rescale_acts_by_decoder_norm else None
+if sae.cfg.rescale_acts_by_decoder_norm:
+    sae.fold_W_dec_norm()  # inference form: plain TopK on (x - b_dec) @ W_enc + b_enc
 with torch.no_grad():
     codes = sae.encode(x[:8]); assert codes.shape[-1] == n
 finish(work, "saelens", timer.seconds(), (steps - timer.warm) * batch,

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -22,6 +23,8 @@ from ..errors import UnitscopeError
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
 ARCHITECTURES: dict[str, type[Dictionary]] = {}
+# Other libraries' file layouts: (recognise(path) -> bool, load(path) -> Dictionary), registered by kinds.
+FORMATS: list[tuple[Callable[[Path], bool], Callable[[Path], Dictionary]]] = []
 
 
 def register(name: str):
@@ -129,8 +132,12 @@ class Dictionary(nn.Module):
 
 
 def load_dictionary(path: str | Path, device: str = "cpu") -> Dictionary:
-    """Load any saved dictionary from a directory holding cfg.json and its safetensors weights."""
+    """Load any saved dictionary: the SAELens layout (cfg.json + sae_weights.safetensors, every kind here),
+    or another library's layout registered in FORMATS (sparsify: cfg.json + sae.safetensors)."""
     path = Path(path)
+    for recognise, load in FORMATS:
+        if recognise(path):
+            return load(path).to(device).eval()
     cfg_path = path / CFG
     if not cfg_path.is_file():
         raise UnitscopeError(f"{str(path)!r} is not a dictionary directory: it has no {CFG}")

@@ -15,7 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnitscopeError
-from .base import Dictionary, register
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from .base import FORMATS, Dictionary, register
 from .kernels import select_encode, sparse_decode
 
 
@@ -413,3 +418,33 @@ class TopKTranscoder(TopKSAE):
 @register("topk_skip_transcoder")
 class TopKSkipTranscoder(TopKTranscoder):
     skip = True
+
+
+def _is_sparsify(path: Path) -> bool:
+    return (path / "sae.safetensors").is_file() and (path / "cfg.json").is_file()
+
+
+def load_sparsify(path: Path) -> Dictionary:
+    """EleutherAI sparsify's layout: cfg.json (d_in, num_latents | expansion_factor, k, transcode,
+    skip_connection) and sae.safetensors (encoder.weight [n, d_in], encoder.bias, W_dec [n, d_out], b_dec,
+    W_skip). Its encoder is ReLU then top-k on (x - b_dec) (x itself for transcoders): a TopK SAE here."""
+    cfg = json.loads((path / "cfg.json").read_text())
+    if cfg.get("activation", "topk") != "topk":
+        raise UnitscopeError(f"sparsify activation {cfg['activation']!r} in {str(path)!r} is not supported; only topk")
+    w = load_file(str(path / "sae.safetensors"))
+    transcode = bool(cfg.get("transcode"))
+    skip = "W_skip" in w
+    if skip and not transcode:
+        raise UnitscopeError(f"{str(path)!r} is a sparsify SAE with a skip connection, which is not supported")
+    cls = (TopKSkipTranscoder if skip else TopKTranscoder) if transcode else TopKSAE
+    n, d_in = w["encoder.weight"].shape
+    meta = {"hook_name": None, "sparsify_hookpoint": path.name, "source": "sparsify"}
+    sae = cls(d_in, n, k=int(cfg["k"]), metadata=meta, d_out=w["b_dec"].shape[0])
+    state = {"W_enc": w["encoder.weight"].t(), "b_enc": w["encoder.bias"], "W_dec": w["W_dec"], "b_dec": w["b_dec"]}
+    if skip:
+        state["W_skip"] = w["W_skip"]
+    sae.load_state_dict(state)
+    return sae.to(w["encoder.weight"].dtype)
+
+
+FORMATS.append((_is_sparsify, load_sparsify))
