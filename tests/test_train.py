@@ -55,3 +55,16 @@ def test_a_killed_run_resumes_to_the_same_weights(small_store, tmp_path, monkeyp
     resumed = Trainer(small_store, "blocks.1.resid_post", _cfg(), tmp_path / "resumed", progress=False).run()
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_sweep_trained_together_equals_separate_runs(small_store, tmp_path):
+    from unitscope.dictionaries.train import train_together
+
+    cfgs = [_cfg(k=4, train_tokens=256 * 20), _cfg(k=8, train_tokens=256 * 20),
+            _cfg(architecture="jumprelu", train_tokens=256 * 20)]
+    together = train_together([Trainer(small_store, "blocks.1.resid_post", c, tmp_path / f"t{i}", progress=False)
+                               for i, c in enumerate(cfgs)], progress=False)
+    for i, c in enumerate(cfgs):
+        alone = Trainer(small_store, "blocks.1.resid_post", c, tmp_path / f"a{i}", progress=False).run()
+        for (name, a), b in zip(alone.state_dict().items(), together[i].state_dict().values()):
+            assert torch.equal(a, b), (c.architecture, c.k, name)

@@ -35,9 +35,11 @@ def _add_record(p: argparse.ArgumentParser, defaults: bool) -> None:
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--architecture", default="topk", help="dictionary kind (topk, ...)")
-    p.add_argument("--units", type=int, default=4608, help="number of units (latents)")
-    p.add_argument("--k", type=int, default=32, help="active latents per token for TopK kinds")
+    p.add_argument("--architecture", nargs="+", default=["topk"],
+                   help="dictionary kind(s): topk, batchtopk, jumprelu, standard, matryoshka_topk, transcoders, "
+                        "pca, kmeans, snmf, neurons, diffmean, probe; several train together from one read")
+    p.add_argument("--units", type=int, nargs="+", default=[4608], help="number(s) of units (latents)")
+    p.add_argument("--k", type=int, nargs="+", default=[32], help="active latents per token for TopK kinds")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3*sqrt(4608/units))")
     p.add_argument("--batch-size", type=int, default=2048, help="tokens per training step")
     p.add_argument("--train-tokens", type=int, default=1_000_000, help="tokens to train on (epochs over the store)")
@@ -133,12 +135,31 @@ def _subject(args):
     return load_subject(args.model, dtype=args.dtype, device=args.device)
 
 
-def _train_config(args):
+def _train_configs(args) -> list:
+    """One TrainConfig per combination of --architecture, --units and --k (a sweep)."""
     from .dictionaries.train import TrainConfig
 
-    return TrainConfig(architecture=args.architecture, n_units=args.units, k=args.k, lr=args.lr,
-                       batch_size=args.batch_size, train_tokens=args.train_tokens, seed=args.seed,
-                       checkpoint_every=args.checkpoint_every, compute_dtype=args.compute_dtype)
+    cfgs = []
+    for arch in args.architecture:
+        for units in args.units:
+            for k in args.k if "topk" in arch else args.k[:1]:
+                cfg = TrainConfig(architecture=arch, n_units=units, k=k, lr=args.lr, batch_size=args.batch_size,
+                                  train_tokens=args.train_tokens, seed=args.seed,
+                                  checkpoint_every=args.checkpoint_every, compute_dtype=args.compute_dtype)
+                cfg.validate()
+                cfgs.append(cfg)
+    return cfgs
+
+
+def _dictionary_id(cfg) -> str:
+    return f"{cfg.architecture}-{cfg.n_units}" + (f"-k{cfg.k}" if "topk" in cfg.architecture else "")
+
+
+def _train_config(args):
+    cfgs = _train_configs(args)
+    if len(cfgs) > 1:
+        raise UnitscopeError("`unitscope run` makes one dictionary; sweep several with `unitscope train`")
+    return cfgs[0]
 
 
 def cmd_sites(args) -> int:
@@ -178,32 +199,51 @@ def cmd_record(args) -> int:
 
 def cmd_train(args) -> int:
     from .dictionaries import fit
-    from .dictionaries.train import train
+    from .dictionaries.train import Trainer, is_transcoder, train, train_together
     from .store import Store
 
-    if args.architecture in fit.FROM_LABELS:
-        if not args.labels or not args.site:
-            raise UnitscopeError(f"{args.architecture} needs --labels FILE.jsonl and --site (it runs the model)")
-        d = fit.fit_from_labels(_subject(args), args.site, args.architecture, args.labels)
-        d.save(args.out)
-        print(f"dictionary {args.out}: {d.architecture}, concepts {', '.join(d.metadata['concepts'])}")
+    cfgs = _train_configs(args)
+    fitted = [c for c in cfgs if c.architecture in fit.FROM_LABELS + fit.FROM_STORE]
+    if fitted and len(cfgs) > 1:
+        raise UnitscopeError("only gradient-trained kinds can be swept together; fit one kind at a time")
+    out = Path(args.out)
+    if fitted:
+        arch = cfgs[0].architecture
+        if arch in fit.FROM_LABELS:
+            if not args.labels or not args.site:
+                raise UnitscopeError(f"{arch} needs --labels FILE.jsonl and --site (it runs the model)")
+            d = fit.fit_from_labels(_subject(args), args.site, arch, args.labels)
+        else:
+            if not args.store:
+                raise UnitscopeError("give --store DIR (an activation store recorded with `unitscope record`)")
+            store = Store.open(args.store)
+            subject = _subject(args) if arch in ("neurons", "snmf") and args.model != "none" else None
+            d = fit.fit_from_store(store, args.site or store.sites[0], arch, cfgs[0].n_units, subject=subject,
+                                   seed=args.seed)
+        d.save(out)
+        print(f"dictionary {out}: {d.architecture}, {d.n_units} units")
         return 0
     if not args.store:
         raise UnitscopeError("give --store DIR (an activation store recorded with `unitscope record`)")
-    if args.architecture in fit.FROM_STORE:
+    if len(cfgs) == 1:
+        train(args.store, args.site, cfgs[0], out, progress=not args.quiet, overwrite=args.overwrite)
+        outs = [out]
+    else:
         store = Store.open(args.store)
+        if any(is_transcoder(c.architecture) for c in cfgs):
+            raise UnitscopeError("transcoders train one at a time")
         site = args.site or store.sites[0]
-        subject = _subject(args) if args.architecture in ("neurons", "snmf") and args.model != "none" else None
-        d = fit.fit_from_store(store, site, args.architecture, args.units, subject=subject, seed=args.seed)
-        d.save(args.out)
-        print(f"dictionary {args.out}: {d.architecture}, {d.n_units} units")
-        return 0
-    cfg = _train_config(args)
-    cfg.validate()
-    d = train(args.store, args.site, cfg, args.out, progress=not args.quiet, overwrite=args.overwrite)
-    summary = json.loads((Path(args.out) / "train.json").read_text())
-    print(f"dictionary {args.out}: {d.architecture}, {d.n_units} units; {summary['tokens']} tokens in "
-          f"{summary['seconds']} s ({summary['tokens_per_s']} tokens/s)")
+        outs = [out / _dictionary_id(c) for c in cfgs]
+        if args.overwrite:
+            import shutil
+            for o in outs:
+                shutil.rmtree(o.with_name(f".{o.name}.checkpoint"), ignore_errors=True)
+        train_together([Trainer(store, site, c, o, progress=False) for c, o in zip(cfgs, outs)],
+                       progress=not args.quiet)
+    for o in outs:
+        summary = json.loads((o / "train.json").read_text())
+        print(f"dictionary {o}: {summary['config']['architecture']}, {summary['config']['n_units']} units; "
+              f"{summary['tokens']} tokens in {summary['seconds']} s ({summary['tokens_per_s']} tokens/s)")
     return 0
 
 
@@ -293,7 +333,6 @@ def cmd_run(args) -> int:
         raise UnitscopeError(f"--tokens must be a positive number of tokens, not {args.tokens}")
     sites = args.site or [DEFAULT_SITE]
     cfg = _train_config(args)
-    cfg.validate()
     config = {"model": args.model, "dtype": args.dtype, "site": sites[0], "sites": sites, "corpus": args.corpus,
               "field": args.field, "tokens": args.tokens, "ctx_len": args.ctx_len,
               "architecture": cfg.architecture, "units": cfg.n_units, "k": cfg.k, "lr": cfg.lr,
@@ -306,7 +345,7 @@ def cmd_run(args) -> int:
     subject = _subject(args)
     for s in sites:
         subject.site(s)
-    did = f"{cfg.architecture}-{cfg.n_units}" + (f"-k{cfg.k}" if "topk" in cfg.architecture else "")
+    did = _dictionary_id(cfg)
     store_dir, dict_dir = root / "store", root / "dictionaries" / did
     eval_path, explain_dir, report_dir = root / "evals" / did / "core.json", root / "explain" / did, root / "report"
     quiet = args.quiet

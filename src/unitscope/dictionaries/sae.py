@@ -6,20 +6,18 @@ returns dense codes; training (`training_forward`) uses the sparse kernels and r
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import UnitscopeError
-import json
-from pathlib import Path
-
-from safetensors.torch import load_file
-
 from .base import FORMATS, Dictionary, register
 from .kernels import select_encode, sparse_decode
 

@@ -211,51 +211,50 @@ class Trainer:
         with torch.no_grad():
             self.sae.b_dec.copy_(geometric_median(y[:4096] * self.out_scale))
 
-    def run(self) -> Dictionary:
-        cfg = self.cfg
+    def begin(self) -> None:
+        """Resume from the checkpoint, or initialise scales and b_dec from the first batches."""
         if not self.load_checkpoint():
             self._initialise()
-        compute = {"float32": None, "bfloat16": torch.bfloat16}.get(cfg.compute_dtype)
-        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", desc=f"train {cfg.architecture}",
-                   disable=not self.progress)
-        ema_fvu = None
-        t_last = time.perf_counter()
-        try:
-            batches = self._batches(self.step)
-            while self.step < cfg.steps:
-                x, y = next(batches)
-                x = x * self.scale
-                y = y * self.out_scale if self.target_site else x
-                dead = self.since_fired >= cfg.dead_tokens
-                for g in self.opt.param_groups:
-                    g["lr"] = lr_at(self.step, cfg)
-                out = self.sae.training_forward(x, dead=dead, target=y, compute_dtype=compute)
-                self.opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                self._constrain_decoder_grad()
-                self.opt.step()
-                self._normalise_decoder()
-                self.since_fired += x.shape[0]
-                self.since_fired[out.fired.unique()] = 0
-                self.step += 1
-                f = float(out.fvu)
-                ema_fvu = f if ema_fvu is None else 0.95 * ema_fvu + 0.05 * f
-                now = time.perf_counter()
-                self.seconds += now - t_last
-                t_last = now
-                if self.step % 10 == 0 or self.step == cfg.steps:
-                    rec = {"step": self.step, "fvu": round(f, 5), "l0": round(out.l0, 2),
-                           "dead_frac": round(float(dead.float().mean()), 4),
-                           "tokens_per_s": round(self.step * cfg.batch_size / max(self.seconds, 1e-9))}
-                    self.log.append(rec)
-                    bar.set_postfix(fvu=f"{ema_fvu:.3f}", l0=f"{out.l0:.1f}", dead=f"{rec['dead_frac']:.2f}",
-                                    tok_s=rec["tokens_per_s"])
-                bar.update(1)
-                if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
-                    self.save_checkpoint()
-        finally:
-            bar.close()
-        return self.finish()
+        self._compute = {"float32": None, "bfloat16": torch.bfloat16}.get(self.cfg.compute_dtype)
+        self._ema_fvu: float | None = None
+        self._last = None
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One optimiser step on a raw (unscaled) batch; the time it takes counts towards tokens/s."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        x = x * self.scale
+        y = y * self.out_scale if self.target_site else x
+        dead = self.since_fired >= cfg.dead_tokens
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, cfg)
+        out = self.sae.training_forward(x, dead=dead, target=y, compute_dtype=self._compute)
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self._constrain_decoder_grad()
+        self.opt.step()
+        self._normalise_decoder()
+        self.since_fired += x.shape[0]
+        self.since_fired[out.fired.unique()] = 0
+        self.step += 1
+        f = float(out.fvu)
+        self._ema_fvu = f if self._ema_fvu is None else 0.95 * self._ema_fvu + 0.05 * f
+        self.seconds += time.perf_counter() - t0
+        if self.step % 10 == 0 or self.step == cfg.steps:
+            self.log.append({"step": self.step, "fvu": round(f, 5), "l0": round(out.l0, 2),
+                             "dead_frac": round(float(dead.float().mean()), 4),
+                             "tokens_per_s": round(self.step * cfg.batch_size / max(self.seconds, 1e-9))})
+            self._last = self.log[-1]
+        if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+            self.save_checkpoint()
+
+    def postfix(self) -> dict[str, str]:
+        if self._last is None:
+            return {}
+        return {"fvu": f"{self._ema_fvu:.3f}", "l0": f"{self._last['l0']:.1f}",
+                "dead": f"{self._last['dead_frac']:.2f}", "tok_s": str(self._last["tokens_per_s"])}
+
+    def run(self) -> Dictionary:
+        return train_together([self], progress=self.progress)[0]
 
     def _constrain_decoder_grad(self) -> None:
         w, g = self.sae.W_dec, self.sae.W_dec.grad
@@ -303,3 +302,36 @@ def train(store: Store | str | Path, site: str | None, cfg: TrainConfig, out: st
     if overwrite:
         shutil.rmtree(out.with_name(f".{out.name}.{CKPT}"), ignore_errors=True)
     return Trainer(store, site, cfg, out, progress=progress, target_site=target_site).run()
+
+
+def train_together(trainers: list[Trainer], progress: bool = True) -> list[Dictionary]:
+    """Train several dictionaries from one read of the data: every batch steps every trainer.
+
+    The trainers must share the store, site, batch size, seed, token budget and checkpoint interval, so
+    that they stay in lockstep (a sweep of widths, k or kinds costs one pass over the store).
+    """
+    lead = trainers[0]
+    keys = ("batch_size", "seed", "train_tokens", "checkpoint_every")
+    for t in trainers[1:]:
+        if (t.site, t.target_site) != (lead.site, lead.target_site) or any(
+                getattr(t.cfg, k) != getattr(lead.cfg, k) for k in keys):
+            raise UnitscopeError(f"dictionaries trained together must share the site and {', '.join(keys)}")
+    for t in trainers:
+        t.begin()
+    steps = {t.step for t in trainers}
+    if len(steps) > 1:
+        raise UnitscopeError("the checkpoints of this sweep stopped at different steps; pass --overwrite")
+    names = ", ".join(sorted({t.cfg.architecture for t in trainers}))
+    bar = tqdm(total=lead.cfg.steps, initial=lead.step, unit="step", disable=not progress,
+               desc=f"train {names}" + (f" x{len(trainers)}" if len(trainers) > 1 else ""))
+    try:
+        batches = lead._batches(lead.step)
+        while lead.step < lead.cfg.steps:
+            x, y = next(batches)
+            for t in trainers:
+                t.train_step(x, y)
+            bar.set_postfix(**lead.postfix())
+            bar.update(1)
+    finally:
+        bar.close()
+    return [t.finish() for t in trainers]
