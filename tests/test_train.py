@@ -68,3 +68,49 @@ def test_a_sweep_trained_together_equals_separate_runs(small_store, tmp_path):
         alone = Trainer(small_store, "blocks.1.resid_post", c, tmp_path / f"a{i}", progress=False).run()
         for (name, a), b in zip(alone.state_dict().items(), together[i].state_dict().values()):
             assert torch.equal(a, b), (c.architecture, c.k, name)
+
+
+def test_resampling_restarts_dead_latents_at_badly_reconstructed_inputs(small_store, tmp_path):
+    t = Trainer(small_store, "blocks.1.resid_post", _cfg(architecture="standard", resample_every=5),
+                tmp_path / "r", progress=False)
+    t.begin()
+    x, y = next(t._batches(0))
+    x = x * t.scale
+    for _ in range(3):
+        t.train_step(*next(t._batches(t.step)))
+    dead = torch.tensor([3, 17, 40])
+    t.since_fired[dead] = 10**9
+    before = t.sae.W_dec.detach().clone()
+    assert t.resample_dead(x) == 3
+    changed = (t.sae.W_dec.detach() != before).any(1)
+    assert changed[dead].all() and changed.sum() == 3
+    assert torch.allclose(t.sae.W_dec[dead].norm(dim=1), torch.ones(3), atol=1e-5)
+    assert (t.opt.state[t.sae.W_dec]["exp_avg"][dead] == 0).all()
+    assert (t.since_fired[dead] == 0).all()
+
+
+def test_live_batches_are_the_store_rows_in_stream_order_and_resume_exactly(llama_subject, tmp_path):
+    from unitscope.dictionaries.sources import LiveSource
+    from unitscope.dictionaries.train import TrainConfig as Cfg
+
+    st = record(llama_subject, Corpus("default"), ["blocks.1.resid_post"], 32 * 48, tmp_path / "s", ctx_len=32,
+                batch_size=4, shard_tokens=32 * 48, progress=False)
+    mask = fit_mask(st)
+    rows = st.acts("blocks.1.resid_post", 0)[torch.from_numpy(mask)]
+    live = LiveSource(llama_subject, Corpus("default"), "blocks.1.resid_post", None, batch_size=100, ctx_len=32,
+                      forward_windows=4)
+    it = live.batches(0)
+    first = [next(it)[0] for _ in range(5)]
+    assert torch.allclose(torch.cat(first), rows[:500], atol=1e-5)
+    resumed = next(live.batches(3))[0]
+    assert torch.equal(resumed, first[3])
+    d = Trainer(live, "blocks.1.resid_post", Cfg(n_units=64, k=4, batch_size=100, train_tokens=100 * 30),
+                tmp_path / "live", progress=False).run()
+    log = json.loads((tmp_path / "live" / "train.json").read_text())["log"]
+    assert log[-1]["fvu"] < log[0]["fvu"] and d.metadata["trained_live"] is True
+
+
+def fit_mask(store):
+    from unitscope.dictionaries.fit import _mask
+
+    return _mask(store)

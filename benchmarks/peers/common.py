@@ -34,6 +34,11 @@ def batches(x, batch, steps):
 def finish(work: Path, name: str, seconds: float, tokens: int, weights: dict, warm_steps: int = 0):
     save_file({k: v.detach().float().contiguous() for k, v in weights.items()}, str(work / f"{name}.safetensors"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:  # VmHWM is this process's own high-water mark (ru_maxrss can carry the parent's over a spawn)
+        hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0]
+        peak = int(hwm.split()[1]) / 1024
+    except (OSError, IndexError):
+        pass
     (work / f"{name}.json").write_text(json.dumps({"seconds": seconds, "tokens": tokens,
                                                    "tokens_per_s": tokens / seconds, "peak_rss_mb": peak}))
 

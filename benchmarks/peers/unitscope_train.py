@@ -8,7 +8,7 @@ from unitscope import Store
 from unitscope.dictionaries.train import Trainer, TrainConfig
 
 work, n, k, batch, steps, lr = sys.argv[1], *map(int, sys.argv[2:6]), float(sys.argv[6])
-dtype = sys.argv[7] if len(sys.argv) > 7 else "float32"
+dtype = sys.argv[7] if len(sys.argv) > 7 else "float32"  # the default run (auto) is named by what it picks
 from pathlib import Path  # noqa: E402
 
 work = Path(work)

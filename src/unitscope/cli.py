@@ -45,7 +45,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-tokens", type=int, default=1_000_000, help="tokens to train on (epochs over the store)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
-    p.add_argument("--compute-dtype", default="float32", help="float32 or bfloat16 encoder product")
+    p.add_argument("--compute-dtype", default="auto",
+                   help="encoder product dtype: auto (bfloat16 where the hardware is fast at it), float32, bfloat16")
+    p.add_argument("--train-device", default="cpu", help="device for training (cpu, cuda, ...)")
+    p.add_argument("--resample-every", type=int, default=0, help="steps between dead-latent resampling (0: off)")
+    p.add_argument("--log-to", default=None, help="wandb or trackio (when installed)")
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
@@ -88,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train or fit a dictionary from a store (or labelled text)")
     p.add_argument("--store", default=None, help="activation store (every kind but diffmean and probe)")
     p.add_argument("--labels", default=None, help="JSONL of {text, label} rows, for diffmean and probe")
+    p.add_argument("--live", action="store_true", help="train from live forward passes (no store; needs --site)")
+    p.add_argument("--corpus", default="default", help="corpus for --live")
+    p.add_argument("--ctx-len", type=int, default=128, help="window length for --live")
     p.add_argument("--model", default="default", help="model for neurons/snmf directions and labelled kinds")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
@@ -145,7 +152,8 @@ def _train_configs(args) -> list:
             for k in args.k if "topk" in arch else args.k[:1]:
                 cfg = TrainConfig(architecture=arch, n_units=units, k=k, lr=args.lr, batch_size=args.batch_size,
                                   train_tokens=args.train_tokens, seed=args.seed,
-                                  checkpoint_every=args.checkpoint_every, compute_dtype=args.compute_dtype)
+                                  checkpoint_every=args.checkpoint_every, compute_dtype=args.compute_dtype,
+                                  device=args.train_device, resample_every=args.resample_every, log_to=args.log_to)
                 cfg.validate()
                 cfgs.append(cfg)
     return cfgs
@@ -223,9 +231,24 @@ def cmd_train(args) -> int:
         d.save(out)
         print(f"dictionary {out}: {d.architecture}, {d.n_units} units")
         return 0
-    if not args.store:
-        raise UnitscopeError("give --store DIR (an activation store recorded with `unitscope record`)")
-    if len(cfgs) == 1:
+    if args.live:
+        from .corpus import Corpus
+        from .dictionaries.sources import LiveSource
+
+        if not args.site:
+            raise UnitscopeError("--live needs --site (the site to read from the running model)")
+        if len(cfgs) > 1 or is_transcoder(cfgs[0].architecture):
+            raise UnitscopeError("--live trains one SAE kind at a time")
+        source = LiveSource(_subject(args), Corpus(args.corpus), args.site, None, cfgs[0].batch_size,
+                            ctx_len=args.ctx_len)
+        if args.overwrite:
+            import shutil
+            shutil.rmtree(out.with_name(f".{out.name}.checkpoint"), ignore_errors=True)
+        Trainer(source, args.site, cfgs[0], out, progress=not args.quiet).run()
+        outs = [out]
+    elif not args.store:
+        raise UnitscopeError("give --store DIR (an activation store recorded with `unitscope record`), or --live")
+    elif len(cfgs) == 1:
         train(args.store, args.site, cfgs[0], out, progress=not args.quiet, overwrite=args.overwrite)
         outs = [out]
     else:
