@@ -28,7 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="default")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=16, help="windows per forward")
     ap.add_argument("--ctx-len", type=int, default=128)
     ap.add_argument("--batches", type=int, default=4, help="forwards per repetition")
@@ -63,7 +63,7 @@ def main() -> None:
     def unitscope_record(block: int) -> None:
         with tempfile.TemporaryDirectory() as d:
             record(subject, corpus, [f"blocks.{block}.resid_post"], tokens, Path(d) / "store", ctx_len=args.ctx_len,
-                   batch_size=args.batch, shard_tokens=args.batch * args.ctx_len, progress=False)
+                   batch_size=args.batch, progress=False)  # default shard size, as a user records
 
     methods = {"unitscope": unitscope_record, "bare-truncated": bare_truncated, "full-forward": full_forward}
     for block in (int(b) for b in args.blocks.split(",")):
