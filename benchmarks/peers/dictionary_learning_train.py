@@ -1,6 +1,5 @@
 from common import Timer, batches, finish, setup
-import torch
-from dictionary_learning.trainers.top_k import TopKTrainer, AutoEncoderTopK
+from dictionary_learning.trainers.top_k import TopKTrainer
 
 work, x, n, k, batch, steps, lr = setup()
 trainer = TopKTrainer(steps=steps, activation_dim=x.shape[1], dict_size=n, k=k, layer=6, lm_name="smollm2",

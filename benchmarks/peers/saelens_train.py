@@ -1,5 +1,5 @@
-from common import Timer, batches, finish, setup
 import torch
+from common import Timer, batches, finish, setup
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
@@ -17,6 +17,7 @@ for step, xb in enumerate(batches(x, batch, steps)):
 if sae.cfg.rescale_acts_by_decoder_norm:
     sae.fold_W_dec_norm()  # inference form: plain TopK on (x - b_dec) @ W_enc + b_enc
 with torch.no_grad():
-    codes = sae.encode(x[:8]); assert codes.shape[-1] == n
+    codes = sae.encode(x[:8])
+assert codes.shape[-1] == n
 finish(work, "saelens", timer.seconds(), (steps - timer.warm) * batch,
        {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec})

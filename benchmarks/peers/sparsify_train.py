@@ -1,12 +1,12 @@
-from common import Timer, batches, finish, setup
 import torch
+from common import Timer, batches, finish, setup
 from sparsify import SparseCoder, SparseCoderConfig
 
 work, x, n, k, batch, steps, lr = setup()
 sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=n, k=k))
 opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
 timer = Timer()
-for step, xb in enumerate(batches(x, batch, steps)):
+for xb in batches(x, batch, steps):
     out = sae(xb, dead_mask=None)
     loss = out.fvu
     opt.zero_grad()
