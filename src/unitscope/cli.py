@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_record(p, defaults=True)
     _add_train(p)
     _add_eval(p)
+    p.add_argument("--top", type=int, default=20, help="top examples per unit")
 
     p = sub.add_parser("sites", help="print every site of a model with its activation shape")
     p.add_argument("model", nargs="?", default="default")
@@ -404,8 +405,8 @@ def cmd_run(args) -> int:
 
     def do_explain():
         d = load_dictionary(dict_dir)
-        write_tables(explain_dir, d, Store.open(store_dir), sites[0], subject.tokenizer,
-                     lens=logit_lens(subject, d), progress=not quiet)
+        write_tables(explain_dir, d, Store.open(store_dir), d.input_site or sites[0], subject.tokenizer,
+                     lens=logit_lens(subject, d), top_n=args.top, progress=not quiet)
 
     def do_report():
         index = write_report(report_dir / did, explain_dir, f"{did} · {subject.name} · {sites[0]}", eval_json=eval_path,
