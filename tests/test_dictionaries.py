@@ -52,3 +52,14 @@ def test_unknown_architecture_in_cfg(tmp_path):
 def test_k_larger_than_width_is_refused():
     with pytest.raises(UnitscopeError, match="k=40"):
         TopKSAE(4, 32, k=40)
+
+
+def test_weights_file_missing_a_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    TopKSAE(4, 8, k=2).save(tmp_path / "d")
+    w = load_file(str(tmp_path / "d" / "sae_weights.safetensors"))
+    del w["b_enc"]
+    save_file(w, str(tmp_path / "d" / "sae_weights.safetensors"))
+    with pytest.raises(UnitscopeError, match="lack 'b_enc'"):
+        load_dictionary(tmp_path / "d")

@@ -44,5 +44,7 @@ def test_unitscope_run_end_to_end(tmp_path):
     assert again.returncode == 0 and again.stdout.count("already done") == 5
     redo = run_cli(*args, "--overwrite", "eval")
     assert redo.returncode == 0 and redo.stdout.count("already done") == 2
+    rep = run_cli("report", root)
+    assert rep.returncode == 0 and "index.html" in rep.stdout, rep.stderr
     changed = run_cli(*[a if a != "512" else "256" for a in args])
     assert changed.returncode == 2 and "other options" in changed.stderr

@@ -332,9 +332,9 @@ def cmd_report(args) -> int:
     if not explain:
         raise UnitscopeError(f"run {str(run)!r} has no explanation tables yet; run `unitscope explain` first")
     index = None
+    cfg = json.loads(state_path.read_text())["config"]
     for e in explain:
         did = e.name
-        cfg = json.loads(state_path.read_text())["config"]
         index = write_report(run / "report" / did, e, f"{did} · {cfg.get('model', '')} · {cfg.get('site', '')}",
                              eval_json=run / "evals" / did / "core.json",
                              info={"model": cfg.get("model"), "site": cfg.get("site"), "run": str(run)})

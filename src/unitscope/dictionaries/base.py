@@ -131,6 +131,13 @@ class Dictionary(nn.Module):
         return path
 
 
+def require_weights(cfg: dict[str, Any], weights: dict[str, torch.Tensor], *keys: str) -> None:
+    """One clear error when a weights file lacks a tensor its architecture needs."""
+    for key in keys:
+        if key not in weights:
+            raise UnitscopeError(f"the weights of this {cfg.get('architecture')} dictionary lack {key!r}")
+
+
 def load_dictionary(path: str | Path, device: str = "cpu") -> Dictionary:
     """Load any saved dictionary: the SAELens layout (cfg.json + sae_weights.safetensors, every kind here),
     or another library's layout registered in FORMATS (sparsify: cfg.json + sae.safetensors)."""

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import UnitscopeError
-from .base import Dictionary, register
+from .base import Dictionary, register, require_weights
 
 
 @register("kmeans")
@@ -48,8 +48,7 @@ class KMeans(Dictionary):
 
     @classmethod
     def from_weights(cls, cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> Dictionary:
-        if "W_dec" not in weights:
-            raise UnitscopeError("the weights of a kmeans dictionary lack 'W_dec'")
+        require_weights(cfg, weights, "W_dec")
         d = cls(int(cfg["d_in"]), int(cfg["d_sae"]), cfg.get("metadata", {}), cfg.get("assignment", "hard"),
                 cfg.get("temperature", 1.0))
         d.W_dec.data.copy_(weights["W_dec"])

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import UnitscopeError
-from .base import Dictionary, register
+from .base import Dictionary, register, require_weights
 
 
 @register("neurons")
@@ -53,8 +53,7 @@ class Neurons(Dictionary):
 
     @classmethod
     def from_weights(cls, cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> Dictionary:
-        if "W_dec" not in weights:
-            raise UnitscopeError("the weights of a neurons dictionary lack 'W_dec'")
+        require_weights(cfg, weights, "W_dec")
         return cls(int(cfg["d_in"]), directions=weights["W_dec"], metadata=cfg.get("metadata", {}))
 
 
@@ -85,9 +84,7 @@ class AffineDictionary(Dictionary):
 
     @classmethod
     def from_weights(cls, cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> Dictionary:
-        for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            if key not in weights:
-                raise UnitscopeError(f"the weights of this {cfg['architecture']} dictionary lack {key!r}")
+        require_weights(cfg, weights, "W_enc", "b_enc", "W_dec", "b_dec")
         d = cls(int(cfg["d_in"]), int(cfg["d_sae"]), metadata=cfg.get("metadata", {}))
         d.load_state_dict({k: v for k, v in weights.items() if k in d.state_dict()}, strict=False)
         return d

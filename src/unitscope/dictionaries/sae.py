@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import UnitscopeError
-from .base import FORMATS, Dictionary, register
+from .base import FORMATS, Dictionary, register, require_weights
 from .kernels import select_encode, sparse_decode
 
 
@@ -103,17 +103,13 @@ class SparseAutoencoder(Dictionary):
 
     @classmethod
     def from_weights(cls, cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> Dictionary:
-        for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            if key not in weights:
-                raise UnitscopeError(f"the weights of this {cfg['architecture']} dictionary lack {key!r}")
+        require_weights(cfg, weights, "W_enc", "b_enc", "W_dec", "b_dec", *(["W_skip"] if cls.skip else []))
         d_in, d_sae = weights["W_enc"].shape
         if cfg.get("normalize_activations", "none") not in ("none", None):
             raise UnitscopeError(
                 f"cfg.json asks for normalize_activations={cfg['normalize_activations']!r}, which this loader "
                 "does not apply; fold the scaling into the weights and set it to 'none'"
             )
-        if cls.skip and "W_skip" not in weights:
-            raise UnitscopeError(f"the weights of this {cfg['architecture']} dictionary lack 'W_skip'")
         sae = cls(d_in, d_sae, metadata=cfg.get("metadata", {}),
                   apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True),
                   d_out=weights["W_dec"].shape[1], **cls._kwargs(cfg))
@@ -312,8 +308,7 @@ class JumpReLUSAE(SparseAutoencoder):
 
     @classmethod
     def from_weights(cls, cfg, weights):
-        if "threshold" not in weights:
-            raise UnitscopeError("the weights of a jumprelu dictionary lack 'threshold'")
+        require_weights(cfg, weights, "threshold")
         th = weights["threshold"].float()
         sae = super().from_weights(cfg, {k: v for k, v in weights.items() if k != "threshold"})
         with torch.no_grad():

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import UnitscopeError
-from .base import Dictionary, register
+from .base import Dictionary, register, require_weights
 
 
 def _pos(m: torch.Tensor) -> torch.Tensor:
@@ -68,8 +68,7 @@ class SNMF(Dictionary):
 
     @classmethod
     def from_weights(cls, cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> Dictionary:
-        if "W_dec" not in weights:
-            raise UnitscopeError("the weights of an snmf dictionary lack 'W_dec'")
+        require_weights(cfg, weights, "W_dec")
         d = cls(int(cfg["d_in"]), int(cfg["d_sae"]), cfg.get("metadata", {}), weights.get("W_dir"),
                 int(cfg.get("nnls_iters", 200)))
         d.W_dec.data.copy_(weights["W_dec"])
