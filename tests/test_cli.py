@@ -138,3 +138,15 @@ def test_stage_commands_work_on_a_local_model_directory(cli_store, cli_dictionar
     assert (tmp_path / "e" / "units.parquet").is_file()
     p = run_cli("sites", tiny_model_dir)
     assert p.returncode == 0 and "blocks.2.mlp_hidden  [1, 4, 64]" in p.stdout
+
+
+def test_train_fits_and_sweeps_from_the_cli(cli_store, tmp_path):
+    p = run_cli("train", "--store", cli_store, "--out", tmp_path / "pca", "--architecture", "pca", "--units", "8",
+                "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "pca" / "cfg.json").read_text())["architecture"] == "pca"
+    p = run_cli("train", "--store", cli_store, "--out", tmp_path / "sweep", "--units", "64", "--k", "4", "8",
+                "--batch-size", "256", "--train-tokens", "2560", "--quiet")
+    assert p.returncode == 0, p.stderr
+    for k in (4, 8):
+        assert json.loads((tmp_path / "sweep" / f"topk-64-k{k}" / "cfg.json").read_text())["k"] == k
