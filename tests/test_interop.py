@@ -53,11 +53,13 @@ def test_saelens_and_unitscope_encode_each_others_files_identically(saelens_pyth
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
 
-    # SAELens-saved SAEs, loaded by unitscope, encode as SAELens does
+    # SAELens-saved SAEs (random weights, and trained by SAELens' own step), loaded by unitscope, encode as
+    # SAELens does
     theirs = load_file(str(tmp_path / "saelens_codes.safetensors"))
-    for name in ("topk", "topk_rescaled", "jumprelu"):
+    for name in ("topk", "topk_rescaled", "jumprelu", "trained_topk", "trained_jumprelu"):
         d = load_dictionary(tmp_path / f"saelens_{name}")
         codes = d.encode(x).detach()
+        assert 0 < (theirs[name] != 0).float().mean() < 0.9, name  # a real sparse code, not all zero
         assert (codes - theirs[name]).abs().max() < 1e-5, name
         assert ((codes != 0) == (theirs[name] != 0)).all(), name
 

@@ -1,13 +1,15 @@
-"""Runs inside an environment with sae-lens: writes SAELens-saved SAEs with their encodings, and encodes
-unitscope-saved SAEs with SAELens. Usage: python saelens_side.py WORKDIR"""
+"""Runs inside an environment with sae-lens: trains TopK and JumpReLU SAEs with SAELens' own training step,
+saves them in inference form (save_inference_model), writes their encodings, and encodes unitscope-saved
+SAEs with SAELens. Usage: python saelens_side.py WORKDIR"""
 
 import sys
 from pathlib import Path
 
 import torch
 from sae_lens import SAE
-from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
-from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig, JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+from sae_lens.saes.sae import TrainStepInput
+from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 from safetensors.torch import load_file, save_file
 
 work = Path(sys.argv[1])
@@ -25,6 +27,22 @@ for name, sae in (("topk", TopKSAE(TopKSAEConfig(d_in=x.shape[1], d_sae=96, k=7)
             sae.threshold.copy_(torch.rand_like(sae.threshold) * 0.5)
     sae.save_model(str(work / f"saelens_{name}"))
     out[name] = sae.encode(x).detach()
+
+# trained by SAELens' own training step (Adam, 30 steps on the inputs), saved in inference form
+d = x.shape[1]
+for name, sae in (("trained_topk", TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=96, k=7))),
+                  ("trained_jumprelu", JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=d, d_sae=96)))):
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    for step in range(30):
+        coef = {"l0": 1e-3} if "jumprelu" in name else {"auxiliary_reconstruction_loss": 1 / 32}
+        o = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients=coef, dead_neuron_mask=None,
+                                                     n_training_steps=step, is_logging_step=False))
+        opt.zero_grad()
+        o.loss.backward()
+        opt.step()
+    sae.save_inference_model(str(work / f"saelens_{name}"))
+    loaded = SAE.load_from_disk(str(work / f"saelens_{name}"), device="cpu")
+    out[name] = loaded.encode(x).detach()
 save_file(out, str(work / "saelens_codes.safetensors"))
 
 ours = {}
