@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from conftest import run_cli
 
 
@@ -150,3 +151,33 @@ def test_train_fits_and_sweeps_from_the_cli(cli_store, tmp_path):
     assert p.returncode == 0, p.stderr
     for k in (4, 8):
         assert json.loads((tmp_path / "sweep" / f"topk-64-k{k}" / "cfg.json").read_text())["k"] == k
+
+
+def test_kill_9_during_train_then_rerun_ends_with_the_uninterrupted_weights(cli_store, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    args = ["train", "--store", str(cli_store), "--units", "64", "--k", "4", "--batch-size", "256",
+            "--train-tokens", str(256 * 1500), "--checkpoint-every", "100", "--quiet"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "unitscope", *args, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / ".killed.checkpoint" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not ckpt.exists():
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not (killed / "cfg.json").exists(), "the kill must land mid-training"
+    step = json.loads(ckpt.read_text())["step"]
+    assert 0 < step < 1500
+    assert run_cli(*args, "--out", killed).returncode == 0
+    assert run_cli(*args, "--out", tmp_path / "whole").returncode == 0
+    a = load_file(str(killed / "sae_weights.safetensors"))
+    b = load_file(str(tmp_path / "whole" / "sae_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
