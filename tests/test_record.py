@@ -27,7 +27,7 @@ def test_record_several_sites_matches_a_direct_forward(tmp_path, llama_subject):
     assert torch.allclose(st.acts("blocks.2.mlp_out", 0)[:16], acts["blocks.2.mlp_out"][0], atol=1e-6)
     again = record(llama_subject, Corpus("default"), ["blocks.0.resid_post", "blocks.2.mlp_out"], 100,
                    tmp_path / "s", ctx_len=16, batch_size=3, shard_tokens=48, progress=False)
-    assert again.n_tokens == 100  # a finished store is left as it is
+    assert again.n_tokens == 100 and Store.open(tmp_path / "s").manifest["complete"] is True  # left as it is
 
 
 def _record_cmd(model_dir, out):

@@ -43,9 +43,9 @@ def record(subject: Subject, corpus: Corpus, sites: Sequence[str], tokens: int, 
     for s in sites:
         subject.site(s)  # unknown sites fail here, before anything is written
     store = Store.create(out, store_identity(subject, corpus, sites, ctx_len), overwrite=overwrite)
-    store.finish(tokens_requested=int(tokens), complete=False, corpus_fingerprint=corpus.fingerprint(),
-                 specials=[int(t) for t in getattr(subject.tokenizer, "all_special_ids", [])])
     done = store.n_tokens
+    store.finish(tokens_requested=int(tokens), complete=done >= tokens, corpus_fingerprint=corpus.fingerprint(),
+                 specials=[int(t) for t in getattr(subject.tokenizer, "all_special_ids", [])])
     if done >= tokens:
         return store
     shard_windows = max(1, shard_tokens // ctx_len)
