@@ -6,7 +6,6 @@ Layout: runs/NAME/run.json, store/, dictionaries/ID/, evals/ID/core.json, explai
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -15,18 +14,9 @@ from typing import Any
 
 from .errors import UnitscopeError
 from .store import write_json_atomic
+from .versions import versions
 
 STAGES = ("record", "train", "eval", "explain", "report")
-
-
-def versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    from . import __version__
-
-    return {"unitscope": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
 
 
 class Run:

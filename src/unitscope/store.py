@@ -15,7 +15,6 @@ import os
 import struct
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -270,14 +269,3 @@ class Store:
                 batch_idx += 1
             skip = 0
             epoch += 1
-
-
-@dataclass
-class StoreSummary:
-    tokens: int
-    shards: int
-    sites: dict[str, int]
-
-
-def summary(store: Store) -> StoreSummary:
-    return StoreSummary(store.n_tokens, store.n_shards, {s: store.width(s) for s in store.sites})

@@ -22,17 +22,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .. import __version__
 from ..corpus import Corpus, special_ids, training_mask
 from ..dictionaries import Dictionary
 from ..errors import UnitscopeError
 from ..subject import Subject
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    return {"unitscope": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+from ..versions import versions
 
 
 @torch.inference_mode()
@@ -141,5 +135,5 @@ def evaluate_fidelity(subject: Subject, dictionary: Dictionary, corpus: Corpus, 
         "eval_result_unstructured": None,
         "dictionary": {"architecture": dictionary.architecture, "d_in": dictionary.d_in,
                        "n_units": dictionary.n_units},
-        "versions": _versions(),
+        "versions": versions(),
     }
