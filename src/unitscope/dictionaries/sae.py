@@ -131,9 +131,6 @@ class SparseAutoencoder(Dictionary):
         if self.apply_b_dec_to_input and scale != out_scale:
             raise UnitscopeError("an SAE that subtracts b_dec from its input needs one scale for input and output")
 
-    def inference_weights(self) -> dict[str, torch.Tensor]:
-        return self.weights()
-
     # Dense training path (ReLU-like kinds); TopK kinds override with the sparse kernels.
     def activate_train(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, sparsity penalty) for one batch of pre-activations."""

@@ -24,10 +24,6 @@ N_BINS = 20
 QUANTILES = (0.5, 0.9, 0.99)
 
 
-def _window_starts(pos: np.ndarray) -> np.ndarray:
-    return np.flatnonzero(pos == 0)
-
-
 @torch.inference_mode()
 def _encode_windows(dictionary: Dictionary, store: Store, site: str, mask: np.ndarray, windows_per_batch: int,
                     progress: bool, desc: str):
