@@ -63,3 +63,58 @@ def test_weights_file_missing_a_tensor(tmp_path):
     save_file(w, str(tmp_path / "d" / "sae_weights.safetensors"))
     with pytest.raises(UnitscopeError, match="lack 'b_enc'"):
         load_dictionary(tmp_path / "d")
+
+
+def test_a_kill_at_any_step_of_a_save_leaves_the_old_or_the_new_dictionary(tmp_path, monkeypatch):
+    """Copy the directory before every filesystem step of a replacing save (the state a kill there would leave);
+    every copy loads as the complete old or new dictionary, and a later save over it works."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from unitscope.dictionaries import base
+
+    def sae(seed):
+        torch.manual_seed(seed)
+        d = TopKSAE(8, 16, k=3, metadata={"hook_name": "s"})
+        with torch.no_grad():
+            for p in d.parameters():
+                p.normal_()
+        return d
+
+    work = tmp_path / "work"
+    sae(1).save(work / "d")
+    versions = {seed: sae(seed).weights() for seed in (1, 2, 3)}
+    snaps = []
+
+    def snapshot():
+        dst = tmp_path / f"snap{len(snaps)}"
+        shutil.copytree(work, dst)
+        snaps.append(dst)
+
+    def before(fn):
+        def wrapped(*a, **kw):
+            snapshot()
+            return fn(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(os, "replace", before(os.replace))
+    monkeypatch.setattr(os, "rename", before(os.rename))
+    monkeypatch.setattr(shutil, "rmtree", before(shutil.rmtree))
+    monkeypatch.setattr(base, "save_file", before(base.save_file))
+    monkeypatch.setattr(Path, "write_text", before(Path.write_text))
+    sae(2).save(work / "d")
+    monkeypatch.undo()
+    snapshot()
+    assert len(snaps) >= 5
+
+    def which(path):
+        w = load_dictionary(path).weights()
+        return [s for s, v in versions.items() if all(torch.equal(w[k], v[k]) for k in v)]
+
+    seen = [which(s / "d") for s in snaps]
+    assert all(s in ([1], [2]) for s in seen), seen
+    assert seen[0] == [1] and seen[-1] == [2]
+    for s in snaps:  # a save over any interrupted state works and leaves only the new copy
+        sae(3).save(s / "d")
+        assert which(s / "d") == [3] and sorted(p.name for p in s.iterdir()) == ["d"]

@@ -341,14 +341,14 @@ class BatchTopKSAE(TopKSAE):
 
     training_forward = SparseAutoencoder.training_forward
 
-    def save(self, path):
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Saved as the equivalent JumpReLU SAE (one threshold for every latent)."""
         j = JumpReLUSAE(self.d_in, self.n_units, metadata={**self.metadata, "trained_as": "batchtopk", "k": self.k},
                         apply_b_dec_to_input=self.apply_b_dec_to_input)
         j.load_state_dict({k: v for k, v in self.state_dict().items() if k in j.state_dict()}, strict=False)
         with torch.no_grad():
             j.log_threshold.fill_(float(self.topk_threshold.clamp_min(1e-30).log()))
-        return j.save(path)
+        return j.save(path, extra)
 
 
 @register("matryoshka_topk")
