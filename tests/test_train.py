@@ -114,3 +114,100 @@ def fit_mask(store):
     from unitscope.dictionaries.fit import _mask
 
     return _mask(store)
+
+
+def test_a_kill_at_any_step_of_a_checkpoint_write_leaves_the_previous_or_the_new_checkpoint(
+        small_store, tmp_path, monkeypatch):
+    """Copy the checkpoint directory before every filesystem step of writing checkpoint 20 over checkpoint 10 (the
+    state a kill there leaves): each copy resumes at step 10 or 20 with exactly the weights saved then."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from unitscope.dictionaries import train as train_mod
+
+    t = Trainer(small_store, "blocks.1.resid_post", _cfg(), tmp_path / "r", progress=False)
+    t.begin()
+    saved = {}
+    batches = t._batches(0)
+    for _ in range(10):
+        t.train_step(*next(batches))
+    saved[10] = {k: v.clone() for k, v in t.sae.state_dict().items()}
+    snaps = []
+
+    def snapshot():
+        dst = tmp_path / f"snap{len(snaps)}"
+        dst.mkdir()
+        if (tmp_path / ".r.checkpoint").exists():
+            shutil.copytree(tmp_path / ".r.checkpoint", dst / ".r.checkpoint")
+        snaps.append(dst)
+
+    def before(fn):
+        def wrapped(*a, **kw):
+            snapshot()
+            return fn(*a, **kw)
+        return wrapped
+
+    for mod, name in ((os, "replace"), (os, "rename"), (os, "unlink"), (shutil, "rmtree"), (Path, "rename"),
+                      (Path, "unlink"), (Path, "write_text"), (train_mod, "save_file")):
+        monkeypatch.setattr(mod, name, before(getattr(mod, name)))
+    for _ in range(10):
+        t.train_step(*next(batches))
+    monkeypatch.undo()
+    saved[20] = {k: v.clone() for k, v in t.sae.state_dict().items()}
+    snapshot()
+    assert len(snaps) >= 5
+    steps = []
+    for s in snaps:
+        r = Trainer(small_store, "blocks.1.resid_post", _cfg(), s / "r", progress=False)
+        r.begin()
+        steps.append(r.step)
+        assert r.step in saved, (s, r.step)
+        for k, v in saved[r.step].items():
+            assert torch.equal(r.sae.state_dict()[k], v), (s, k)
+    assert steps[0] == 10 and steps[-1] == 20
+
+
+def _sweep(small_store, out, cfgs):
+    from unitscope.dictionaries.train import train_together
+
+    return train_together([Trainer(small_store, "blocks.1.resid_post", c, out / f"m{i}", progress=False)
+                           for i, c in enumerate(cfgs)], progress=False)
+
+
+@pytest.mark.parametrize("where", ["between members' checkpoints", "between members' final saves"])
+def test_a_sweep_killed_between_members_resumes_to_the_uninterrupted_weights(small_store, tmp_path, monkeypatch,
+                                                                              where):
+    from unitscope.dictionaries.base import Dictionary
+
+    cfgs = [_cfg(k=4, train_tokens=256 * 30), _cfg(k=8, train_tokens=256 * 30),
+            _cfg(architecture="jumprelu", train_tokens=256 * 30)]
+    whole = _sweep(small_store, tmp_path / "whole", cfgs)
+    calls = []
+    if where == "between members' checkpoints":
+        original = Trainer.save_checkpoint
+
+        def dies(self, *a, **kw):
+            calls.append(self.step)
+            if self.step == 20 and self.out.name == "m1":
+                raise _Killed
+            return original(self, *a, **kw)
+        monkeypatch.setattr(Trainer, "save_checkpoint", dies)
+    else:
+        original = Dictionary.save
+
+        def dies(self, path, *a, **kw):
+            calls.append(path)
+            if path.name == "m1":
+                raise _Killed
+            return original(self, path, *a, **kw)
+        monkeypatch.setattr(Dictionary, "save", dies)
+    with pytest.raises(_Killed):
+        _sweep(small_store, tmp_path / "killed", cfgs)
+    monkeypatch.undo()
+    assert len(calls) >= 2
+    resumed = _sweep(small_store, tmp_path / "killed", cfgs)
+    for w, r, c in zip(whole, resumed, cfgs):
+        for (name, a), b in zip(w.state_dict().items(), r.state_dict().values()):
+            assert torch.equal(a, b), (c.architecture, c.k, name)
+    assert not list(tmp_path.glob("killed/.*checkpoint*"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UnitscopeError
 from ..store import Store, write_json_atomic
-from .base import ARCHITECTURES, Dictionary
+from .base import ARCHITECTURES, Dictionary, _fsync
 from .sae import SparseAutoencoder
 from .sources import LiveSource, StoreSource
 
@@ -155,14 +156,32 @@ class Trainer:
         self.seconds = 0.0
 
     # ---- checkpoints ----------------------------------------------------------------------------
+    # `.NAME.checkpoint/` holds the two newest checkpoints as STEP.safetensors + STEP.json (and state.json, a
+    # copy of the newest JSON). The tensors are fsynced before the JSON that names the step, the JSON before
+    # older checkpoints are removed, so a kill at any moment leaves the previous checkpoint or the new one;
+    # a sweep resumes every member from the newest step that all of them have.
     def _ckpt_dir(self) -> Path:
         return self.out.with_name(f".{self.out.name}.{CKPT}")
 
-    def save_checkpoint(self) -> None:
+    def checkpoint_steps(self) -> list[int]:
+        """Steps of the complete checkpoints on disk, oldest first (a step's JSON is written last)."""
         d = self._ckpt_dir()
-        tmp = d.with_name(d.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        if not d.is_dir():
+            return []
+        steps = sorted(int(p.stem) for p in d.glob("*.json") if p.stem.isdigit())
+        if not steps and (d / "state.json").is_file() and (d / "state.safetensors").is_file():
+            steps = [_read_state(d / "state.json")["step"]]  # written by unitscope 0.1's single-slot layout
+        return steps
+
+    def _ckpt_files(self, step: int) -> tuple[Path, Path]:
+        d = self._ckpt_dir()
+        if not (d / f"{step:09d}.json").is_file() and (d / "state.safetensors").is_file():
+            return d / "state.json", d / "state.safetensors"
+        return d / f"{step:09d}.json", d / f"{step:09d}.safetensors"
+
+    def save_checkpoint(self, keep: int = 2) -> None:
+        d = self._ckpt_dir()
+        d.mkdir(parents=True, exist_ok=True)
         tensors = {f"param.{k}": v.detach().cpu().clone() for k, v in self.sae.state_dict().items()}
         names = [n for n, _ in self.sae.named_parameters()]
         for i, name in enumerate(names):
@@ -173,24 +192,40 @@ class Trainer:
             if "step" in st:
                 tensors[f"adam.{name}.step"] = torch.as_tensor(st["step"]).reshape(1).float()
         tensors["since_fired"] = self.since_fired.cpu().clone()
-        save_file(tensors, str(tmp / "state.safetensors"))
         state = {"step": self.step, "scale": self.scale, "out_scale": self.out_scale, "config": asdict(self.cfg),
                  "site": self.site, "log": self.log, "seconds": self.seconds}
-        (tmp / "state.json").write_text(json.dumps(state))
-        shutil.rmtree(d, ignore_errors=True)
-        tmp.rename(d)
+        js, st_path = d / f"{self.step:09d}.json", d / f"{self.step:09d}.safetensors"
+        tmp = st_path.with_name(st_path.name + ".tmp")
+        save_file(tensors, str(tmp))
+        _fsync(tmp)
+        os.replace(tmp, st_path)
+        _fsync(d)
+        write_json_atomic(js, state)  # the step is complete from here on
+        write_json_atomic(d / "state.json", state)
+        _fsync(d)
+        for old in self.checkpoint_steps()[:-keep]:
+            self._remove_checkpoint(old)
+        for legacy in (d / "state.safetensors",):
+            legacy.unlink(missing_ok=True)
 
-    def load_checkpoint(self) -> bool:
-        d = self._ckpt_dir()
-        if not (d / "state.json").is_file():
+    def _remove_checkpoint(self, step: int) -> None:
+        js, st_path = self._ckpt_files(step)
+        js.unlink(missing_ok=True)  # the JSON first: a step without it is not complete
+        st_path.unlink(missing_ok=True)
+
+    def load_checkpoint(self, step: int | None = None) -> bool:
+        """Load the checkpoint at `step` (default: the newest complete one); False when there is none."""
+        steps = self.checkpoint_steps()
+        if step is None:
+            step = steps[-1] if steps else 0
+        if step == 0:
             return False
-        state = json.loads((d / "state.json").read_text())
-        if state["config"] != asdict(self.cfg) or state["site"] != self.site:
-            raise UnitscopeError(
-                f"a checkpoint at {str(d)!r} was made with other training options; rerun with the same options "
-                "or pass --overwrite to start again"
-            )
-        tensors = load_file(str(d / "state.safetensors"), device=self.cfg.device)
+        if step not in steps:
+            raise UnitscopeError(f"no checkpoint of step {step} in {str(self._ckpt_dir())!r}")
+        js, st_path = self._ckpt_files(step)
+        state = _read_state(js)
+        self._check_checkpoint(state)
+        tensors = load_file(str(st_path), device=self.cfg.device)
         self.sae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("param.")})
         for i, (name, _) in enumerate(self.sae.named_parameters()):
             p = self.opt.param_groups[0]["params"][i]
@@ -205,6 +240,16 @@ class Trainer:
         self.out_scale = state.get("out_scale", self.scale)
         self.seconds = state.get("seconds", 0.0)
         return True
+
+    def _check_checkpoint(self, state: dict[str, Any]) -> None:
+        if state["config"] != asdict(self.cfg) or state["site"] != self.site:
+            raise UnitscopeError(
+                f"a checkpoint at {str(self._ckpt_dir())!r} was made with other training options; rerun with the "
+                "same options or pass --overwrite to start again"
+            )
+
+    def remove_checkpoints(self) -> None:
+        shutil.rmtree(self._ckpt_dir(), ignore_errors=True)
 
     # ---- training ---------------------------------------------------------------------------------
     def _batches(self, start: int):
@@ -226,10 +271,16 @@ class Trainer:
         with torch.no_grad():
             self.sae.b_dec.copy_(geometric_median(y[:4096] * self.out_scale))
 
-    def begin(self) -> None:
-        """Resume from the checkpoint, or initialise scales and b_dec from the first batches."""
-        if not self.load_checkpoint():
+    def begin(self, step: int | None = None) -> None:
+        """Resume from the checkpoint at `step` (default: the newest; 0: none), or initialise scales and b_dec
+        from the first batches. Checkpoints after `step` are dropped: the run will write them again."""
+        steps = self.checkpoint_steps()
+        if steps:
+            self._check_checkpoint(_read_state(self._ckpt_files(steps[-1])[0]))
+        if not self.load_checkpoint(step):
             self._initialise()
+        for later in [s for s in steps if s > self.step]:
+            self._remove_checkpoint(later)
         self._compute = resolve_compute_dtype(self.cfg.compute_dtype, self.cfg.device)
         self._ema_fvu: float | None = None
         self._last = None
@@ -320,18 +371,19 @@ class Trainer:
     def _normalise_decoder(self) -> None:
         self.sae.W_dec.div_(self.sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
-    def finish(self) -> Dictionary:
+    def finish(self, remove_checkpoints: bool = True) -> Dictionary:
+        """Save the dictionary with its train.json (one atomic replacement), then drop the checkpoints."""
         final = self.sae
         final.fold_scaling(self.scale, self.out_scale)
         final.metadata["activation_scale_folded"] = self.scale
-        final.save(self.out)
         summary = {"config": asdict(self.cfg), "site": self.site, "steps": self.step,
                    "compute_dtype": str(resolve_compute_dtype(self.cfg.compute_dtype, self.cfg.device) or "float32"),
                    "tokens": self.step * self.cfg.batch_size, "seconds": round(self.seconds, 2),
                    "tokens_per_s": round(self.step * self.cfg.batch_size / max(self.seconds, 1e-9), 1),
                    "log": self.log}
-        write_json_atomic(self.out / "train.json", summary)
-        shutil.rmtree(self._ckpt_dir(), ignore_errors=True)
+        final.save(self.out, extra={"train.json": summary})
+        if remove_checkpoints:
+            self.remove_checkpoints()
         return final.eval()
 
 
@@ -360,6 +412,10 @@ def train(store: Store | str | Path, site: str | None, cfg: TrainConfig, out: st
     return Trainer(store, site, cfg, out, progress=progress, target_site=target_site).run()
 
 
+def _read_state(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
 def _logger(cfg: TrainConfig, out: Path):
     """A log function for wandb or trackio when asked for and installed; None otherwise."""
     if not cfg.log_to:
@@ -386,8 +442,11 @@ def train_together(trainers: list[Trainer], progress: bool = True) -> list[Dicti
         if (t.site, t.target_site) != (lead.site, lead.target_site) or any(
                 getattr(t.cfg, k) != getattr(lead.cfg, k) for k in keys):
             raise UnitscopeError(f"dictionaries trained together must share the site and {', '.join(keys)}")
+    # a kill between the members' checkpoint writes leaves some one checkpoint ahead: all resume from the newest
+    # step that every member has (each keeps its previous checkpoint for this)
+    common = set.intersection(*(set(t.checkpoint_steps()) for t in trainers))
     for t in trainers:
-        t.begin()
+        t.begin(max(common, default=0))
     steps = {t.step for t in trainers}
     if len(steps) > 1:
         raise UnitscopeError("the checkpoints of this sweep stopped at different steps; pass --overwrite")
@@ -404,4 +463,8 @@ def train_together(trainers: list[Trainer], progress: bool = True) -> list[Dicti
             bar.update(1)
     finally:
         bar.close()
-    return [t.finish() for t in trainers]
+    # every dictionary is saved before any checkpoint goes, so a kill in between resumes the whole sweep
+    done = [t.finish(remove_checkpoints=False) for t in trainers]
+    for t in trainers:
+        t.remove_checkpoints()
+    return done
