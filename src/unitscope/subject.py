@@ -53,7 +53,9 @@ class Subject:
     model: nn.Module
     tokenizer: Any
     name: str
+    spec: str | None = None  # how to load it again (`default`, a path, a hub id); None for a module built in Python
     _refs: dict[str, sites.SiteRef] = field(default_factory=dict, repr=False)
+    _fingerprint: str | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -62,6 +64,12 @@ class Subject:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    def fingerprint(self) -> str:
+        """A short hash of the weights, so a store or dictionary can tell its model from a same-shaped other one."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
 
     def site(self, name: str) -> sites.SiteRef:
         if name not in self._refs:
@@ -109,10 +117,43 @@ class Subject:
         return self.site_shapes([name], seq_len=2)[name][-1]
 
 
+def model_fingerprint(model: nn.Module, samples: int = 4096) -> str:
+    """sha256 over every parameter's name, shape and an evenly strided sample of its values (rounded to bfloat16,
+    so the float32 and bfloat16 copies of one model agree). Reads ~4k values per tensor: milliseconds."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // samples)
+        vals = flat[::step][:samples].to("cpu", torch.bfloat16).float()
+        h.update(f"{name}:{tuple(p.shape)}".encode())
+        h.update(vals.numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def check_device(device: str) -> torch.device:
+    """Parse a device name and make sure this machine has it (one sentence otherwise)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UnitscopeError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UnitscopeError(f"device {device!r} was asked for, but this machine has no CUDA device; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UnitscopeError(f"device {device!r} does not exist; this machine has {torch.cuda.device_count()} "
+                                 "CUDA device(s)")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UnitscopeError(f"device {device!r} was asked for, but this machine has no MPS device; use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UnitscopeError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or mps")
+    return dev
+
+
 def load_subject(spec: str | nn.Module = "default", dtype: str | torch.dtype = "float32",
                  device: str = "cpu", tokenizer: Any = None) -> Subject:
     """Load a model and tokenizer from a name, path, hub id, or an already-built module."""
     dt = parse_dtype(dtype)
+    check_device(device)
     if isinstance(spec, nn.Module):
         if tokenizer is None:
             raise UnitscopeError(
@@ -120,13 +161,14 @@ def load_subject(spec: str | nn.Module = "default", dtype: str | torch.dtype = "
         return Subject(spec.to(device=device, dtype=dt).eval(), tokenizer, type(spec).__name__)
     spec = str(spec)
     if spec in DEFAULT_NAMES:
-        path, name = _cached_gguf(default_gguf_path()), "SmolLM2-135M-Instruct"
+        path, name, spec = _cached_gguf(default_gguf_path()), "SmolLM2-135M-Instruct", "default"
     elif spec.endswith(".gguf"):
         if not Path(spec).is_file():
             raise UnitscopeError(f"GGUF file {spec!r} does not exist")
-        path, name = _cached_gguf(Path(spec)), Path(spec).stem
+        _check_gguf_magic(Path(spec))
+        path, name, spec = _cached_gguf(Path(spec)), Path(spec).stem, str(Path(spec).resolve())
     elif Path(spec).is_dir():
-        path, name = Path(spec), spec
+        path, name, spec = Path(spec), spec, str(Path(spec).resolve())
     else:
         path, name = spec, spec
         if not _cached_on_hub(spec) and not _hub_reachable():
@@ -135,7 +177,14 @@ def load_subject(spec: str | nn.Module = "default", dtype: str | torch.dtype = "
                 ".gguf file, not in the Hugging Face cache, and the hub cannot be reached (no network)"
             )
     model, tok = _from_pretrained(path, spec)
-    return Subject(model.to(device=device, dtype=dt).eval(), tok, name)
+    return Subject(model.to(device=device, dtype=dt).eval(), tok, name, spec=spec)
+
+
+def _check_gguf_magic(path: Path) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise UnitscopeError(f"{str(path)!r} is not a GGUF file (it does not start with the GGUF magic bytes)")
 
 
 def default_gguf_path() -> Path:
@@ -220,9 +269,16 @@ def _from_pretrained(path: str | Path, spec: str):
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    local = Path(str(path))
+    if local.is_dir() and not any(local.glob("*.safetensors")):
+        pickles = sorted(p.name for p in local.glob("*.bin")) + sorted(p.name for p in local.glob("*.pt"))
+        raise UnitscopeError(
+            f"model directory {spec!r} has no .safetensors weights"
+            + (f" (only {', '.join(pickles)}, which are pickles and are never loaded)" if pickles else "")
+            + "; convert it with `model.save_pretrained(dir, safe_serialization=True)`")
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True)
     except (OSError, ValueError) as e:
         if Path(str(path)).exists():
             raise UnitscopeError(f"could not load a model from {spec!r}: {str(e).splitlines()[0]}") from None
