@@ -24,6 +24,7 @@ def store_identity(subject: Subject, corpus: Corpus, sites: Sequence[str], ctx_l
     widths = subject.site_shapes(sites, seq_len=2)
     return {
         "model": subject.name,
+        "model_fingerprint": subject.fingerprint(),
         "sites": {s: {"width": int(widths[s][-1])} for s in sites},
         "dtype": str(subject.dtype).removeprefix("torch."),
         "ctx_len": int(ctx_len),
@@ -35,16 +36,23 @@ def record(subject: Subject, corpus: Corpus, sites: Sequence[str], tokens: int, 
            ctx_len: int = 128, batch_size: int = 16, shard_tokens: int = 32768, overwrite: bool = False,
            progress: bool = True) -> Store:
     """Record `tokens` tokens of activations at `sites` into the store at `out` (resuming if present)."""
-    if tokens <= 0:
-        raise UnitscopeError(f"--tokens must be a positive number of tokens, not {tokens}")
+    for name, value, least in (("--tokens", tokens, 1), ("--ctx-len", ctx_len, 2), ("--record-batch-size",
+                                                                                      batch_size, 1),
+                               ("--shard-tokens", shard_tokens, 1)):
+        if value < least:
+            raise UnitscopeError(f"{name} must be at least {least}, not {value}")
     if not sites:
         raise UnitscopeError("give at least one --site to record")
     sites = list(dict.fromkeys(sites))
     for s in sites:
         subject.site(s)  # unknown sites fail here, before anything is written
     store = Store.create(out, store_identity(subject, corpus, sites, ctx_len), overwrite=overwrite)
+    if store.n_shards:  # resuming: the text and the shards it builds on must be the ones recorded
+        store.check_corpus(corpus)
+        store.verify(progress=progress)
     done = store.n_tokens
     store.finish(tokens_requested=int(tokens), complete=done >= tokens, corpus_fingerprint=corpus.fingerprint(),
+                 model_spec=subject.spec,
                  specials=[int(t) for t in getattr(subject.tokenizer, "all_special_ids", [])])
     if done >= tokens:
         return store

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from .errors import UnitscopeError
 
@@ -30,16 +31,53 @@ _ST_DTYPES = {
     "F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
     "BF16": (np.uint16, torch.bfloat16), "I32": (np.int32, torch.int32), "I64": (np.int64, torch.int64),
 }
-IDENTITY_KEYS = ("model", "sites", "dtype", "ctx_len", "corpus")
+IDENTITY_KEYS = ("model", "model_fingerprint", "sites", "dtype", "ctx_len", "corpus")
+
+
+def _valid_manifest(m: Any) -> bool:
+    """Checked field by field (never with `assert`, which `python -O` removes)."""
+    if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("shards"), list):
+        return False
+    if not isinstance(m.get("sites"), dict) or not isinstance(m.get("ctx_len"), int) or m["ctx_len"] < 1:
+        return False
+    for site in m["sites"].values():
+        if not isinstance(site, dict) or not isinstance(site.get("width"), int):
+            return False
+    for e in m["shards"]:
+        if not (isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("tokens"), int)
+                and isinstance(e.get("windows"), int) and isinstance(e.get("sha256"), str)):
+            return False
+        if not e["file"].startswith("shards/") or "/" in e["file"][7:] or ".." in e["file"]:
+            return False  # a manifest never points outside its own shards/ folder
+    return isinstance(m.get("corpus"), dict)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write JSON so that a kill at any moment leaves the old file or the new one, never neither."""
+    path = Path(path)
+    if path.is_dir():
+        raise UnitscopeError(f"{str(path)!r} is a directory; give a file name for the JSON output")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def _sha256(path: Path) -> str:
@@ -110,9 +148,10 @@ class Store:
             raise UnitscopeError(f"{str(root)!r} is not an activation store: it has no store.json")
         try:
             manifest = json.loads(mpath.read_text())
-            assert manifest.get("format") == FORMAT and isinstance(manifest["shards"], list)
-        except (json.JSONDecodeError, AssertionError, KeyError, TypeError):
-            raise UnitscopeError(f"the manifest {str(mpath)!r} is corrupt; re-record the store") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            manifest = None
+        if not _valid_manifest(manifest):
+            raise UnitscopeError(f"the manifest {str(mpath)!r} is corrupt; re-record the store")
         return cls(root, manifest)
 
     @classmethod
@@ -122,6 +161,8 @@ class Store:
         if (root / "store.json").exists() and not overwrite:
             store = cls.open(root)
             for key in IDENTITY_KEYS:
+                if key == "model_fingerprint" and key not in store.manifest:
+                    continue  # stores recorded before fingerprints: the model name is compared instead
                 if store.manifest.get(key) != identity.get(key):
                     raise UnitscopeError(
                         f"{str(root)!r} holds a store recorded with a different {key} "
@@ -132,12 +173,15 @@ class Store:
             return store
         if root.exists() and any(root.iterdir()) and not (root / "store.json").exists() and not overwrite:
             raise UnitscopeError(f"{str(root)!r} is not empty and holds no store; choose an empty or new directory")
+        if root.exists() and not root.is_dir():
+            raise UnitscopeError(f"{str(root)!r} is a file, not a directory; choose a directory for the store")
         (root / "shards").mkdir(parents=True, exist_ok=True)
         store = cls(root, {"format": FORMAT, **identity, "tokens": 0, "shards": []})
-        if overwrite:
-            for p in (root / "shards").iterdir():
-                p.unlink()
+        # the new (empty) manifest goes in first: from then on the old shards are orphans, dropped here or by the
+        # next writer, so a kill at any moment leaves either the old store or the new one
         write_json_atomic(root / "store.json", store.manifest)
+        if overwrite:
+            store._drop_orphans()
         return store
 
     def _drop_orphans(self) -> None:
@@ -201,12 +245,32 @@ class Store:
             self._shards[i] = Shard(self.root / entry["file"], entry.get("bytes"))
         return self._shards[i]
 
-    def verify(self) -> None:
-        """Check every shard against its manifest checksum; raise naming the first bad one."""
-        for i, entry in enumerate(self.manifest["shards"]):
+    def verify(self, progress: bool = False) -> int:
+        """Check every shard's size and SHA-256 against the manifest; raise naming the first bad one.
+
+        Returns the number of bytes checked."""
+        checked = 0
+        shards = self.manifest["shards"]
+        for i, entry in enumerate(tqdm(shards, unit="shard", desc="verify", disable=not progress)):
             self.shard(i)
             if _sha256(self.root / entry["file"]) != entry["sha256"]:
-                raise UnitscopeError(f"store shard {Path(entry['file']).name} is corrupt: its checksum does not match")
+                raise UnitscopeError(f"store shard {Path(entry['file']).name} is corrupt: its checksum does not match "
+                                     "the manifest; re-record the store (or record again with --overwrite)")
+            checked += int(entry.get("bytes", 0))
+        return checked
+
+    def check_corpus(self, corpus: Any) -> None:
+        """Refuse a corpus whose content differs from the one recorded: its windows would not line up, and the
+        'held-out' windows after the store could overlap the recorded ones."""
+        recorded = self.manifest.get("corpus_fingerprint")
+        if recorded is None:
+            return
+        now = corpus.fingerprint()
+        if now != recorded:
+            raise UnitscopeError(
+                f"corpus {corpus.spec!r} is not the text this store was recorded from (its content changed: "
+                f"fingerprint {now}, recorded {recorded}); its windows would not line up with the store's, so "
+                "held-out windows could overlap recorded ones; use the original corpus or record a new store")
 
     def acts(self, site: str, shard: int) -> torch.Tensor:
         self.width(site)
