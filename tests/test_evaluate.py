@@ -43,16 +43,31 @@ def test_ce_figures_match_a_direct_computation(llama_subject):
         pm = mask[:, :-1]
         return float(F.cross_entropy(logits[:, :-1][pm], ids[:, 1:][pm]))
 
-    zero = ce(lambda y: torch.where(mask[..., None], torch.zeros_like(y), y))
+    zero_eval = ce(lambda y: torch.where(mask[..., None], torch.zeros_like(y), y))
+    zero_all = ce(lambda y: y * 0)  # SAELens / SAEBench: every position zeroed, the excluded ones too
     spliced = ce(lambda y: torch.where(mask[..., None], d(y), y))
     clean = ce()
+    assert mask[:, 0].eq(False).all() and zero_all != pytest.approx(zero_eval, rel=1e-3)  # the two differ here
     assert m["ce_loss_without_sae"] == pytest.approx(clean, rel=1e-5)
-    assert m["ce_loss_with_ablation"] == pytest.approx(zero, rel=1e-5)
+    assert m["ce_loss_with_ablation"] == pytest.approx(zero_all, rel=1e-5)
+    assert m["ce_loss_with_ablation_evaluated_positions"] == pytest.approx(zero_eval, rel=1e-5)
     assert m["ce_loss_with_sae"] == pytest.approx(spliced, rel=1e-5)
-    assert m["ce_loss_score"] == pytest.approx((zero - spliced) / (zero - clean), rel=1e-4)
+    assert m["ce_loss_score"] == pytest.approx((zero_all - spliced) / (zero_all - clean), rel=1e-4)
+    assert m["ce_loss_score_zero_evaluated_positions"] == pytest.approx(
+        (zero_eval - spliced) / (zero_eval - clean), rel=1e-4)
 
 
 def test_width_mismatch_between_dictionary_and_site(llama_subject):
     d = TopKSAE(16, 32, k=2, metadata={"hook_name": SITE})
     with pytest.raises(UnitscopeError, match="expects width 16 but site 'blocks.1.resid_post'"):
         evaluate_fidelity(llama_subject, d, Corpus("default"), 16, start_window=0, n_tokens=16, progress=False)
+
+
+def test_bad_evaluation_sizes_and_non_finite_dictionaries(llama_subject):
+    d = TopKSAE(32, 64, k=4, metadata={"hook_name": SITE})
+    with pytest.raises(UnitscopeError, match="--eval-tokens must be a positive number, not -5"):
+        evaluate_fidelity(llama_subject, d, Corpus("default"), 16, start_window=0, n_tokens=-5, progress=False)
+    with torch.no_grad():
+        d.b_dec[0] = float("nan")
+    with pytest.raises(UnitscopeError, match="not finite"):
+        evaluate_fidelity(llama_subject, d, Corpus("default"), 16, start_window=0, n_tokens=64, progress=False)

@@ -6,9 +6,16 @@ window and special tokens, are neither spliced nor counted):
   L0             = mean_p #{i : code_{p,i} != 0}
   frac_dead      = fraction of units that never fire on the evaluated tokens
   frac_dense     = fraction of units that fire on more than 10% of evaluated tokens
-  CE loss recovered = (CE_zero_ablation - CE_spliced) / (CE_zero_ablation - CE_clean)
   KL             = mean_p KL(p_clean || p_spliced) of the next-token distributions
-where y is the activation at the dictionary's output site and ŷ its reconstruction from the input site.
+  CE loss recovered, two ways, named apart because they differ (by ~0.01-0.03 on SmolLM2):
+    ce_loss_score                       = (CE_zero_all - CE_spliced) / (CE_zero_all - CE_clean)
+        CE_zero_all: the site's activation zeroed at EVERY position, the excluded ones included, as SAELens'
+        and SAEBench's zero ablation does; this is the figure to compare with theirs.
+    ce_loss_score_zero_evaluated_positions = (CE_zero_eval - CE_spliced) / (CE_zero_eval - CE_clean)
+        CE_zero_eval: zeroed only at the evaluated positions (the excluded ones pass through, exactly as in the
+        spliced forward), so numerator and denominator ablate the same positions.
+where y is the activation at the dictionary's output site and ŷ its reconstruction from the input site, and
+every CE is the mean next-token loss over predictions made at evaluated positions.
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ def evaluate_fidelity(subject: Subject, dictionary: Dictionary, corpus: Corpus, 
                       start_window: int, n_tokens: int = 16384, batch_size: int = 8,
                       progress: bool = True) -> dict[str, Any]:
     """Evaluate reconstruction, sparsity and downstream loss on windows `start_window`, ... of `corpus`."""
+    for name, value in (("--eval-tokens", n_tokens), ("--eval-batch-size", batch_size)):
+        if value < 1:
+            raise UnitscopeError(f"{name} must be a positive number, not {value}")
     in_site = dictionary.input_site
     out_site = dictionary.output_site
     if not in_site:
@@ -52,8 +62,8 @@ def evaluate_fidelity(subject: Subject, dictionary: Dictionary, corpus: Corpus, 
     sum_y2 = 0.0
     l0_sum = 0.0
     fired = torch.zeros(dictionary.n_units, dtype=torch.long)
-    ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
-    kl_sum = {"spliced": 0.0, "zero": 0.0}
+    ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "zero_all": 0.0}
+    kl_sum = {"spliced": 0.0, "zero": 0.0, "zero_all": 0.0}
     n_pred = 0
     windows = corpus.windows(subject.tokenizer, ctx_len, start=start_window)
     bar = tqdm(total=n_windows * ctx_len, unit="tok", desc="eval", disable=not progress)
@@ -87,12 +97,15 @@ def evaluate_fidelity(subject: Subject, dictionary: Dictionary, corpus: Corpus, 
             spliced_logits = subject.logits(ids)
         with subject.intervene([subject.intervention(out_site, lambda _y, z=zero: z)]):
             zero_logits = subject.logits(ids)
+        with subject.intervene([subject.intervention(out_site, torch.zeros_like)]):
+            zero_all_logits = subject.logits(ids)
 
         # next-token prediction at evaluated positions (the last position has no target)
         pm = m[:, :-1]
         tgt = ids[:, 1:].to(subject.device)[pm]
         lp_clean = F.log_softmax(clean_logits[:, :-1][pm].float(), -1)
-        for name, logits in (("clean", clean_logits), ("spliced", spliced_logits), ("zero", zero_logits)):
+        for name, logits in (("clean", clean_logits), ("spliced", spliced_logits), ("zero", zero_logits),
+                             ("zero_all", zero_all_logits)):
             lp = F.log_softmax(logits[:, :-1][pm].float(), -1)
             ce[name] += float(F.nll_loss(lp, tgt, reduction="sum"))
             if name != "clean":
@@ -105,19 +118,25 @@ def evaluate_fidelity(subject: Subject, dictionary: Dictionary, corpus: Corpus, 
 
     total_var = sum_y2 - float(sum_y.pow(2).sum()) / n
     fvu = sq_err / max(total_var, 1e-12)
-    ce_clean, ce_spliced, ce_zero = (ce[k] / n_pred for k in ("clean", "spliced", "zero"))
-    kl_spliced, kl_zero = kl_sum["spliced"] / n_pred, kl_sum["zero"] / n_pred
+    if not np.isfinite(fvu) or not np.isfinite(ce["spliced"]):
+        raise UnitscopeError("the dictionary's reconstruction is not finite (NaN or inf) on the evaluated text; "
+                             "its weights or the activations hold NaN/inf values")
+    ce_clean, ce_spliced, ce_zero, ce_zero_all = (ce[k] / n_pred for k in ("clean", "spliced", "zero", "zero_all"))
+    kl_spliced, kl_zero, kl_zero_all = (kl_sum[k] / n_pred for k in ("spliced", "zero", "zero_all"))
     freq = (fired.float() / n).numpy()
     metrics = {
         "reconstruction_quality": {"fvu": fvu, "explained_variance": 1 - fvu, "mse": sq_err / (n * dictionary.d_out)},
         "sparsity": {"l0": l0_sum / n},
         "model_behavior_preservation": {
-            "kl_div_with_sae": kl_spliced, "kl_div_with_ablation": kl_zero,
-            "kl_div_score": (kl_zero - kl_spliced) / kl_zero if kl_zero > 0 else float("nan"),
+            "kl_div_with_sae": kl_spliced, "kl_div_with_ablation": kl_zero_all,
+            "kl_div_with_ablation_evaluated_positions": kl_zero,
+            "kl_div_score": (kl_zero_all - kl_spliced) / kl_zero_all if kl_zero_all > 0 else float("nan"),
         },
         "model_performance_preservation": {
-            "ce_loss_score": (ce_zero - ce_spliced) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan"),
-            "ce_loss_with_ablation": ce_zero, "ce_loss_with_sae": ce_spliced, "ce_loss_without_sae": ce_clean,
+            "ce_loss_score": _recovered(ce_zero_all, ce_spliced, ce_clean),
+            "ce_loss_score_zero_evaluated_positions": _recovered(ce_zero, ce_spliced, ce_clean),
+            "ce_loss_with_ablation": ce_zero_all, "ce_loss_with_ablation_evaluated_positions": ce_zero,
+            "ce_loss_with_sae": ce_spliced, "ce_loss_without_sae": ce_clean,
         },
         "misc": {"frac_dead_units": float((freq == 0).mean()), "frac_dense_units": float((freq > 0.1).mean()),
                  "n_tokens": n, "n_units": dictionary.n_units},
@@ -125,9 +144,12 @@ def evaluate_fidelity(subject: Subject, dictionary: Dictionary, corpus: Corpus, 
     return {
         "eval_type_id": "core",
         "eval_config": {"model_name": subject.name, "input_site": in_site, "output_site": out_site,
-                        "context_size": ctx_len, "corpus": corpus.provenance(), "start_window": start_window,
+                        "context_size": ctx_len, "corpus": corpus.provenance(),
+                        "corpus_fingerprint": corpus.fingerprint(), "start_window": start_window,
                         "n_windows": done, "batch_size": batch_size,
-                        "excluded_positions": "first position of each window and special tokens"},
+                        "excluded_positions": "first position of each window and special tokens",
+                        "ce_loss_score": "zero ablation at every position (SAELens/SAEBench)",
+                        "ce_loss_score_zero_evaluated_positions": "zero ablation at evaluated positions only"},
         "eval_id": str(uuid.uuid4()),
         "datetime_epoch_millis": int(time.time() * 1000),
         "eval_result_metrics": metrics,
@@ -137,3 +159,7 @@ def evaluate_fidelity(subject: Subject, dictionary: Dictionary, corpus: Corpus, 
                        "n_units": dictionary.n_units},
         "versions": versions(),
     }
+
+
+def _recovered(ce_ablated: float, ce_spliced: float, ce_clean: float) -> float:
+    return (ce_ablated - ce_spliced) / (ce_ablated - ce_clean) if ce_ablated != ce_clean else float("nan")
