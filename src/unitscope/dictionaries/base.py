@@ -227,4 +227,9 @@ def load_dictionary(path: str | Path, device: str = "cpu") -> Dictionary:
         weights = load_file(str(wpath), device=device)
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for bad files
         raise UnitscopeError(f"{str(wpath)!r} is not a readable safetensors file ({e})") from None
+    for key, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UnitscopeError(f"{str(wpath)!r} is unusable: its tensor {key!r} holds {bad} NaN or infinite "
+                                 "value(s); retrain the dictionary or restore an earlier copy")
     return ARCHITECTURES[arch].from_weights(cfg, weights).to(device).eval()

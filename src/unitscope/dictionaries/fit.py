@@ -38,8 +38,9 @@ def _sample(store: Store, site: str, max_rows: int, seed: int) -> torch.Tensor:
 
 
 def _metadata(store: Store, site: str) -> dict[str, Any]:
-    return {"model_name": store.manifest["model"], "hook_name": site, "context_size": store.manifest["ctx_len"],
-            "dataset_path": store.manifest["corpus"]["spec"]}
+    m = store.manifest
+    return {"model_name": m["model"], "model_spec": m.get("model_spec"), "model_fingerprint": m.get("model_fingerprint"),
+            "hook_name": site, "context_size": m["ctx_len"], "dataset_path": m["corpus"]["spec"]}
 
 
 def fit_from_store(store: Store, site: str, architecture: str, n_units: int, subject: Any = None,
@@ -48,7 +49,11 @@ def fit_from_store(store: Store, site: str, architecture: str, n_units: int, sub
     width = store.width(site)
     meta = _metadata(store, site)
     if architecture == "neurons":
-        return Neurons.from_subject(subject, site) if subject is not None else Neurons(width, metadata=meta)
+        if subject is None:
+            return Neurons(width, metadata=meta)
+        neurons = Neurons.from_subject(subject, site)
+        neurons.metadata = {**meta, **neurons.metadata}
+        return neurons
     if architecture == "pca":
         if not 0 < n_units <= width:
             raise UnitscopeError(f"PCA gives at most {width} units at a site of width {width}, not {n_units}")
@@ -112,6 +117,7 @@ def text_features(subject: Any, site: str, texts: list[str]) -> torch.Tensor:
 def fit_from_labels(subject: Any, site: str, architecture: str, labels_path: str | Path) -> Dictionary:
     texts, labels = read_labels(labels_path)
     feats = text_features(subject, site, texts)
-    meta = {"model_name": subject.name, "hook_name": site, "labels_path": str(labels_path)}
+    meta = {"model_name": subject.name, "model_spec": subject.spec, "model_fingerprint": subject.fingerprint(),
+            "hook_name": site, "labels_path": str(labels_path)}
     cls = {"diffmean": DiffMean, "probe": Probe}[architecture]
     return cls.fit(feats, labels, meta)

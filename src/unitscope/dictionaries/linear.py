@@ -37,7 +37,8 @@ class Neurons(Dictionary):
         if down is not None:
             w = down.weight.detach().float()
             dirs = w.t() if isinstance(down, nn.Linear) else w  # Conv1D (GPT-2) stores [in, out]
-        return cls(width, directions=dirs, metadata={"model_name": subject.name, "hook_name": site})
+        return cls(width, directions=dirs, metadata={"model_name": subject.name, "model_spec": subject.spec,
+                                                     "model_fingerprint": subject.fingerprint(), "hook_name": site})
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         self.check_width(x)

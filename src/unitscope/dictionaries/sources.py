@@ -30,7 +30,9 @@ class StoreSource:
 
     def metadata(self) -> dict[str, Any]:
         m = self.store.manifest
-        return {"model_name": m["model"], "context_size": m["ctx_len"], "dataset_path": m["corpus"]["spec"]}
+        return {"model_name": m["model"], "model_spec": m.get("model_spec"),
+                "model_fingerprint": m.get("model_fingerprint"), "context_size": m["ctx_len"],
+                "dataset_path": m["corpus"]["spec"]}
 
     def batches(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         sites = [self.site, self.target_site] if self.target_site else [self.site]
@@ -58,8 +60,9 @@ class LiveSource:
         return self.subject.width(self.site), self.subject.width(self.target_site) if self.target_site else None
 
     def metadata(self) -> dict[str, Any]:
-        return {"model_name": self.subject.name, "context_size": self.ctx_len, "dataset_path": self.corpus.spec,
-                "trained_live": True}
+        return {"model_name": self.subject.name, "model_spec": self.subject.spec,
+                "model_fingerprint": self.subject.fingerprint(), "context_size": self.ctx_len,
+                "dataset_path": self.corpus.spec, "trained_live": True}
 
     def _windows(self):
         while True:

@@ -1,0 +1,92 @@
+"""The same model, the same site, the same text: resolve a command's inputs against the store or dictionary
+they belong to, and refuse a mismatch in one sentence instead of computing silently wrong figures."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..errors import UnitscopeError
+
+DEFAULT_MODEL_NAMES = {"SmolLM2-135M-Instruct": "default"}  # display names of built-in models -> their spec
+
+
+def _load(spec: str, dtype: str, device: str):
+    from ..subject import load_subject
+
+    return load_subject(spec, dtype=dtype, device=device)
+
+
+def subject_for_store(args: argparse.Namespace, store: Any):
+    """The model that recorded `store` (or `--model`, which must be that same model)."""
+    m = store.manifest
+    spec = args.model or m.get("model_spec") or DEFAULT_MODEL_NAMES.get(m.get("model", ""))
+    if spec is None:
+        raise UnitscopeError(
+            f"the store at {str(store.root)!r} does not say how to load its model {m.get('model')!r} (it was recorded "
+            "from a model built in Python); give --model")
+    subject = _load(spec, args.dtype or m.get("dtype", "float32"), args.device)
+    check_same_model(subject, m.get("model_fingerprint"), m.get("model"), f"the store at {str(store.root)!r}")
+    return subject
+
+
+def subject_for_dictionary(args: argparse.Namespace, dictionary: Any):
+    """The model a dictionary was trained on (from its metadata), or `--model`, which must be that model."""
+    meta = dictionary.metadata
+    spec = args.model or meta.get("model_spec") or DEFAULT_MODEL_NAMES.get(meta.get("model_name", ""))
+    if spec is None:
+        raise UnitscopeError(
+            f"the dictionary does not say how to load its model ({meta.get('model_name')!r}); give --model")
+    subject = _load(spec, args.dtype or "float32", args.device)
+    check_same_model(subject, meta.get("model_fingerprint"), meta.get("model_name"), "the dictionary")
+    return subject
+
+
+def check_same_model(subject: Any, fingerprint: str | None, name: str | None, owner: str) -> None:
+    if fingerprint is not None:
+        if subject.fingerprint() != fingerprint:
+            raise UnitscopeError(
+                f"model {subject.spec or subject.name!r} is not the model {name!r} that {owner} belongs to (their "
+                "weights differ); leave --model out to use that model, or pass the one it was made with")
+    elif name is not None and subject.name != name:
+        raise UnitscopeError(
+            f"model {subject.spec or subject.name!r} ({subject.name}) is not the model {name!r} that {owner} "
+            "belongs to; leave --model out to use that model, or pass the one it was made with")
+
+
+def site_in_store(dictionary: Any, store: Any, site: str | None = None) -> str:
+    """The store site a dictionary reads: its own input site, which the store must hold at the same width.
+
+    `site` (from --site) is only for dictionaries that name no site of their own (e.g. sparsify files)."""
+    own = dictionary.input_site
+    if own and site and site != own:
+        raise UnitscopeError(f"the dictionary was trained on site {own!r}, not {site!r}; leave --site out")
+    name = own or site
+    if name is None:
+        raise UnitscopeError(
+            f"the dictionary names no site (its cfg.json has no metadata.hook_name); give --site, one of "
+            f"{', '.join(store.sites)}")
+    if name not in store.sites:
+        raise UnitscopeError(
+            f"the dictionary reads site {name!r}, which the store does not hold (it holds {', '.join(store.sites)}); "
+            "record that site, or use the store it was trained on")
+    if own is None:
+        dictionary.metadata["hook_name"] = name  # from here on the dictionary knows where it is spliced
+    width = store.width(name)
+    if width != dictionary.d_in:
+        raise UnitscopeError(
+            f"the dictionary expects width {dictionary.d_in} but the store's site {name!r} has width {width}")
+    out = dictionary.output_site
+    if out and out != name and out in store.sites and store.width(out) != dictionary.d_out:
+        raise UnitscopeError(f"the dictionary writes width {dictionary.d_out} but the store's output site {out!r} "
+                             f"has width {store.width(out)}")
+    return name
+
+
+def store_corpus(store: Any):
+    """The corpus a store was recorded from, checked to hold the same text."""
+    from ..corpus import Corpus
+
+    corpus = Corpus(**{k: store.manifest["corpus"][k] for k in ("spec", "field", "seed")})
+    store.check_corpus(corpus)
+    return corpus

@@ -1,0 +1,39 @@
+"""`unitscope report RUN`: the static feature browser of a run directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import UnitscopeError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("report", help="write the static feature browser of a run")
+    p.add_argument("run", help="run directory (runs/NAME)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..report import write_report
+
+    root = Path(args.run)
+    state_path = root / "run.json"
+    if not state_path.is_file():
+        raise UnitscopeError(f"{str(root)!r} is not a run directory: it has no run.json")
+    explain = sorted(p.parent for p in (root / "explain").glob("*/units.parquet"))  # one report per dictionary
+    if not explain:
+        raise UnitscopeError(f"run {str(root)!r} has no explanation tables yet; run `unitscope explain` first")
+    try:
+        cfg = json.loads(state_path.read_text())["config"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UnitscopeError(f"{str(state_path)!r} is corrupt; rerun `unitscope run` with --overwrite all") from None
+    index = None
+    for e in explain:
+        did = e.name
+        index = write_report(root / "report" / did, e, f"{did} · {cfg.get('model', '')} · {cfg.get('site', '')}",
+                             eval_json=root / "evals" / did / "core.json",
+                             info={"model": cfg.get("model"), "site": cfg.get("site"), "run": str(root)})
+    print(f"report: {index}")
+    return 0

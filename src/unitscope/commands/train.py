@@ -1,0 +1,99 @@
+"""`unitscope train`: train (SAE kinds, resumable) or fit (neurons, PCA, k-means, semi-NMF, supervised) dictionaries."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from ..errors import UnitscopeError
+from . import inputs, options
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train or fit a dictionary from a store (or labelled text)")
+    p.add_argument("--store", default=None, help="activation store (every kind but diffmean and probe)")
+    p.add_argument("--labels", default=None, help="JSONL of {text, label} rows, for diffmean and probe")
+    p.add_argument("--live", action="store_true", help="train from live forward passes (no store; needs --site)")
+    p.add_argument("--corpus", default="default", help="corpus for --live")
+    p.add_argument("--ctx-len", type=options.context_length, default=128, help="window length for --live")
+    options.add_model(p, default=None, what="the store's model; 'default' for --labels and --live; 'none' to fit "
+                                            "neurons/snmf without it")
+    p.add_argument("--site", default=None, help="store site to train on (default: the store's first)")
+    p.add_argument("--out", required=True, help="dictionary directory")
+    p.add_argument("--overwrite", action="store_true", help="discard a checkpoint and start again")
+    options.add_train(p)
+    p.set_defaults(func=run)
+
+
+def _plain_subject(args: argparse.Namespace):
+    from ..subject import load_subject
+
+    return load_subject(args.model or "default", dtype=args.dtype or "float32", device=args.device)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..dictionaries import fit
+    from ..dictionaries.train import Trainer, is_transcoder, train, train_together
+    from ..store import Store
+
+    out = options.output_dir(args.out)
+    cfgs = options.train_configs(args)
+    fitted = [c for c in cfgs if c.architecture in fit.FROM_LABELS + fit.FROM_STORE]
+    if fitted and len(cfgs) > 1:
+        raise UnitscopeError("only gradient-trained kinds can be swept together; fit one kind at a time")
+    if fitted:
+        arch = cfgs[0].architecture
+        if arch in fit.FROM_LABELS:
+            if not args.labels or not args.site:
+                raise UnitscopeError(f"{arch} needs --labels FILE.jsonl and --site (it runs the model)")
+            d = fit.fit_from_labels(_plain_subject(args), args.site, arch, args.labels)
+        else:
+            if not args.store:
+                raise UnitscopeError("give --store DIR (an activation store recorded with `unitscope record`)")
+            store = Store.open(args.store)
+            site = args.site or store.sites[0]
+            store.width(site)
+            wants_model = arch in ("neurons", "snmf") and args.model != "none"
+            subject = inputs.subject_for_store(args, store) if wants_model else None
+            d = fit.fit_from_store(store, site, arch, cfgs[0].n_units, subject=subject, seed=args.seed)
+        d.save(out)
+        print(f"dictionary {out}: {d.architecture}, {d.n_units} units")
+        return 0
+    if args.live:
+        from ..corpus import Corpus
+        from ..dictionaries.sources import LiveSource
+
+        if not args.site:
+            raise UnitscopeError("--live needs --site (the site to read from the running model)")
+        if len(cfgs) > 1 or is_transcoder(cfgs[0].architecture):
+            raise UnitscopeError("--live trains one SAE kind at a time")
+        source = LiveSource(_plain_subject(args), Corpus(args.corpus), args.site, None, cfgs[0].batch_size,
+                            ctx_len=args.ctx_len)
+        if args.overwrite:
+            shutil.rmtree(out.with_name(f".{out.name}.checkpoint"), ignore_errors=True)
+        Trainer(source, args.site, cfgs[0], out, progress=not args.quiet).run()
+        outs = [out]
+    elif not args.store:
+        raise UnitscopeError("give --store DIR (an activation store recorded with `unitscope record`), or --live")
+    elif len(cfgs) == 1:
+        train(args.store, args.site, cfgs[0], out, progress=not args.quiet, overwrite=args.overwrite)
+        outs = [out]
+    else:
+        store = Store.open(args.store)
+        if any(is_transcoder(c.architecture) for c in cfgs):
+            raise UnitscopeError("transcoders train one at a time")
+        site = args.site or store.sites[0]
+        store.width(site)
+        outs = [out / options.dictionary_id(c) for c in cfgs]
+        if args.overwrite:
+            for o in outs:
+                shutil.rmtree(o.with_name(f".{o.name}.checkpoint"), ignore_errors=True)
+        train_together([Trainer(store, site, c, o, progress=False) for c, o in zip(cfgs, outs)],
+                       progress=not args.quiet)
+    for o in outs:
+        summary = json.loads((Path(o) / "train.json").read_text())
+        print(f"dictionary {o}: {summary['config']['architecture']}, {summary['config']['n_units']} units; "
+              f"{summary['tokens']} tokens in {summary['seconds']} s ({summary['tokens_per_s']} tokens/s)")
+    return 0
