@@ -205,7 +205,9 @@ def check_crashes(monkeypatch, tmp_path: Path, write_old, write_new, exchange: b
                 assert _snapshot(work / "out") == new
                 return n - 1
         atomic.recover(work / "out")  # what every later reader and writer does first
-        assert _snapshot(work / "out") in (old, new), f"crash after step {n} left a mixed copy"
+        state = _snapshot(work / "out")
+        whole = state == old or state == new
+        assert whole, f"crash after step {n} left a mixed copy: {sorted(state)}"
         write_new(work / "out")
         assert _snapshot(work / "out") == new
         assert sorted(p.name for p in work.iterdir()) == ["out"]  # no temporary left behind

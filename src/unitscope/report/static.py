@@ -1,7 +1,11 @@
 """Static feature browser: index.html (sortable, searchable unit table) and one page per unit.
 
 Reads the Parquet tables of `explain/` and the eval JSON; opens from the file system with no network
-(all data inline, no external scripts or fonts).
+(all data inline, no external scripts or fonts). Text from the corpus, the tokenizer or the run's
+configuration reaches the pages only as escaped HTML text (`html.escape`) or, in index.html, inside the
+inline data as JSON with `<`, `>`, `&`, U+2028 and U+2029 written as \\u escapes (so no `</script>` can end
+the script), which the page inserts with `textContent`, never as markup. The whole output directory is
+written beside the target and swapped in at once (`explain.atomic.replace_dir`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+
+from ..explain.atomic import recover, replace_dir
 
 SNIPPET = 16  # tokens shown either side of an example's maximum
 
@@ -31,38 +37,58 @@ input{font-size:1em;padding:4px 8px;width:22em}.bars{display:flex;align-items:fl
 
 INDEX_JS = """
 const rows=DATA.units;let key='frequency',desc=true;
+function cell(tr,text,cls,href){const td=document.createElement('td');if(cls)td.className=cls;
+if(href){const a=document.createElement('a');a.href=href;a.textContent=text;td.appendChild(a)}else td.textContent=text;
+tr.appendChild(td)}
 function render(){const q=document.getElementById('q').value.toLowerCase();
-const body=document.getElementById('tb');const out=[];
 const sorted=rows.filter(r=>!q||r.search.includes(q)).sort((a,b)=>(desc?-1:1)*((a[key]>b[key])-(a[key]<b[key])));
-for(const r of sorted.slice(0,2000)){out.push(`<tr><td class=num><a href="units/${r.unit}.html">${r.unit}</a></td>`+
-`<td class=num>${(100*r.frequency).toFixed(3)}%</td><td class=num>${r.max_activation.toFixed(2)}</td>`+
-`<td class=tok>${r.promoted}</td><td class=tok>${r.example}</td></tr>`)}
-body.innerHTML=out.join('');document.getElementById('n').textContent=sorted.length+' units'+
+const frag=document.createDocumentFragment();
+for(const r of sorted.slice(0,2000)){const tr=document.createElement('tr');
+cell(tr,String(r.unit),'num','units/'+Number(r.unit)+'.html');cell(tr,(100*r.frequency).toFixed(3)+'%','num');
+cell(tr,r.max_activation.toFixed(2),'num');cell(tr,r.promoted,'tok');cell(tr,r.example,'tok');frag.appendChild(tr)}
+document.getElementById('tb').replaceChildren(frag);document.getElementById('n').textContent=sorted.length+' units'+
 (sorted.length>2000?' (first 2000 shown)':'');}
 function sortBy(k){if(key===k)desc=!desc;else{key=k;desc=true}render()}
 document.getElementById('q').addEventListener('input',render);render();
 """
+
+_JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def script_json(obj: Any) -> str:
+    """JSON that is safe inside an inline <script>: nothing in it can close the element or start markup."""
+    text = json.dumps(obj, ensure_ascii=False)
+    return text.translate(str.maketrans(_JSON_ESCAPES))
 
 
 def _esc(s: str) -> str:
     return html.escape(s, quote=True)
 
 
-def _example_html(tokens: list[str], acts: list[float], vmax: float, snippet: bool = True) -> str:
+def _example_html(tokens: list[str], acts: list[float], vmax: float, vmin: float, kind: str = "top",
+                  snippet: bool = True) -> str:
+    """Tokens as escaped text; positive codes shaded orange (by v / vmax), negative ones blue (by v / vmin)."""
     a = np.asarray(acts, dtype=np.float32)
     lo, hi = 0, len(tokens)
     if snippet and len(tokens):
-        peak = int(a.argmax())
+        peak = int(a.argmin() if kind == "bottom" else a.argmax())
         lo, hi = max(0, peak - SNIPPET), min(len(tokens), peak + SNIPPET + 1)
     parts = []
     for t, v in zip(tokens[lo:hi], a[lo:hi]):
-        if v > 0:
-            alpha = min(1.0, float(v) / vmax) if vmax > 0 else 0
-            style = f"background:rgba(255,120,0,{alpha:.2f})"
-            parts.append(f'<span class=a style="{style}" title="{v:.3f}">{_esc(t)}</span>')
+        if v > 0 and vmax > 0:
+            style = f"background:rgba(255,120,0,{min(1.0, float(v) / vmax):.2f})"
+        elif v < 0 and vmin < 0:
+            style = f"background:rgba(40,110,255,{min(1.0, float(v) / vmin):.2f})"
         else:
             parts.append(_esc(t))
+            continue
+        parts.append(f'<span class=a style="{style}" title="{float(v):.3f}">{_esc(t)}</span>')
     return ("…" if lo > 0 else "") + "".join(parts) + ("…" if hi < len(tokens) else "")
+
+
+def _num(v: Any) -> str:
+    """A metric from the eval JSON, shown only as a number."""
+    return f"{v:.4f}" if isinstance(v, (int, float)) else _esc(str(v))
 
 
 def _metrics_html(evals: dict[str, Any]) -> str:
@@ -73,15 +99,18 @@ def _metrics_html(evals: dict[str, Any]) -> str:
             ("CE loss recovered", m["model_performance_preservation"]["ce_loss_score"]),
             ("KL with dictionary", m["model_behavior_preservation"]["kl_div_with_sae"]),
             ("dead units", m["misc"]["frac_dead_units"]), ("dense units (>10%)", m["misc"]["frac_dense_units"])]
-    cells = "".join(f"<tr><td>{k}</td><td class=num>{v:.4f}</td></tr>" for k, v in rows)
+    cells = "".join(f"<tr><td>{k}</td><td class=num>{_num(v)}</td></tr>" for k, v in rows)
     return f"<table class=metrics>{cells}</table>"
+
+
+def _peak(ex: dict[str, Any]) -> int:
+    return int(np.argmin(ex["acts"]) if ex.get("kind") == "bottom" else np.argmax(ex["acts"]))
 
 
 def write_report(out: str | Path, explain_dir: str | Path, title: str, eval_json: str | Path | None = None,
                  info: dict[str, Any] | None = None) -> Path:
-    """Write the static browser into `out`; returns the path of index.html."""
-    out, explain_dir = Path(out), Path(explain_dir)
-    (out / "units").mkdir(parents=True, exist_ok=True)
+    """Write the static browser into `out` (replaced whole, in one step); returns the path of index.html."""
+    out, explain_dir = Path(out), recover(explain_dir)
     units = pq.read_table(explain_dir / "units.parquet").to_pylist()
     examples = pq.read_table(explain_dir / "examples.parquet").to_pylist()
     evals = json.loads(Path(eval_json).read_text()) if eval_json and Path(eval_json).is_file() else {}
@@ -89,64 +118,75 @@ def write_report(out: str | Path, explain_dir: str | Path, title: str, eval_json
     for ex in examples:
         by_unit.setdefault(ex["unit"], []).append(ex)
 
-    rows = []
-    for u in units:
-        exs = by_unit.get(u["unit"], [])
-        first = exs[0] if exs else None
-        example = ""
-        if first:
-            peak = int(np.argmax(first["acts"]))
-            example = "".join(first["tokens"][max(0, peak - 6):peak + 3]).replace("\n", "↵")
-        promoted = u.get("promoted_tokens") or []
-        words = set(t.strip().lower() for t in promoted)
-        for ex in exs[:5]:
-            peak = int(np.argmax(ex["acts"]))
-            words.add(ex["tokens"][peak].strip().lower())
-        rows.append({"unit": u["unit"], "frequency": u["frequency"], "max_activation": u["max_activation"],
-                     "promoted": _esc(" ".join(repr(t)[1:-1] for t in promoted[:5])), "example": _esc(example),
-                     "search": " ".join(sorted(words))})
-        _write_unit_page(out / "units" / f"{u['unit']}.html", u, exs, title)
+    with replace_dir(out, {"index.html", "units"}) as tmp:
+        (tmp / "units").mkdir()
+        rows = []
+        for u in units:
+            exs = by_unit.get(u["unit"], [])
+            first = exs[0] if exs else None
+            example = ""
+            if first:
+                peak = _peak(first)
+                example = "".join(first["tokens"][max(0, peak - 6):peak + 3]).replace("\n", "↵")
+            promoted = u.get("promoted_tokens") or []
+            words = set(t.strip().lower() for t in promoted)
+            for ex in exs[:5]:
+                words.add(ex["tokens"][_peak(ex)].strip().lower())
+            rows.append({"unit": u["unit"], "frequency": u["frequency"], "max_activation": u["max_activation"],
+                         "promoted": " ".join(repr(t)[1:-1] for t in promoted[:5]), "example": example,
+                         "search": " ".join(sorted(words))})
+            _write_unit_page(tmp / "units" / f"{u['unit']}.html", u, exs, title, len(units))
 
-    info_html = "".join(f"<div class=meta>{_esc(k)}: {_esc(str(v))}</div>" for k, v in (info or {}).items())
-    page = f"""<!doctype html><html><head><meta charset=utf-8><title>{_esc(title)}</title><style>{CSS}</style></head>
-<body><h1>{_esc(title)}</h1>{info_html}{_metrics_html(evals)}
+        info_html = "".join(f"<div class=meta>{_esc(k)}: {_esc(str(v))}</div>" for k, v in (info or {}).items())
+        page = f"""<!doctype html><html><head><meta charset=utf-8><title>{_esc(title)}</title>
+<style>{CSS}</style></head><body><h1>{_esc(title)}</h1>{info_html}{_metrics_html(evals)}
 <h2>Units</h2>
 <p><input id=q placeholder="search by token (top examples, promoted tokens)"> <span id=n class=meta></span></p>
 <table><thead><tr><th onclick="sortBy('unit')">unit</th><th onclick="sortBy('frequency')">frequency</th>
 <th onclick="sortBy('max_activation')">max activation</th><th>logit lens: promoted</th><th>top example</th></tr></thead>
 <tbody id=tb></tbody></table>
-<script>const DATA={json.dumps({"units": rows})};{INDEX_JS}</script></body></html>"""
-    (out / "index.html").write_text(page, encoding="utf-8")
+<script>const DATA={script_json({"units": rows})};{INDEX_JS}</script></body></html>"""
+        (tmp / "index.html").write_text(page, encoding="utf-8")
     return out / "index.html"
 
 
-def _write_unit_page(path: Path, u: dict[str, Any], exs: list[dict[str, Any]], title: str) -> None:
+def _write_unit_page(path: Path, u: dict[str, Any], exs: list[dict[str, Any]], title: str, n_units: int) -> None:
     vmax = float(u["max_activation"] or 0)
+    vmin = float(u.get("min_activation") or 0)
     hist = u.get("hist_counts") or []
     top = max(hist) if hist and max(hist) > 0 else 1
-    bars = "".join(f'<div style="height:{60 * c / top:.0f}px" title="{c}"></div>' for c in hist)
+    bars = "".join(f'<div style="height:{60 * c / top:.0f}px" title="{int(c)}"></div>' for c in hist)
+    hist_lo, hist_hi = float(u.get("hist_min") or 0), float(u.get("hist_max") or vmax)
 
     def pills(key: str, cls: str = "") -> str:
         toks = u.get(f"{key}_tokens") or []
         logits = u.get(f"{key}_logits") or []
-        return "".join(f'<span class="pill {cls}" title="{lg:.2f}">{_esc(repr(t)[1:-1])}</span>'
+        return "".join(f'<span class="pill {cls}" title="{float(lg):.2f}">{_esc(repr(t)[1:-1])}</span>'
                        for t, lg in zip(toks, logits))
 
-    ex_html = "".join(
-        f'<div class=ex><span class=meta>#{e["rank"] + 1} max {e["max_activation"]:.2f}</span> '
-        f'{_example_html(e["tokens"], e["acts"], vmax)}</div>' for e in exs)
-    unit = u["unit"]
+    def examples(kind: str) -> str:
+        return "".join(
+            f'<div class=ex><span class=meta>#{int(e["rank"]) + 1} {"min" if kind == "bottom" else "max"} '
+            f'{float(e["max_activation"]):.2f}</span> {_example_html(e["tokens"], e["acts"], vmax, vmin, kind)}</div>'
+            for e in exs if e.get("kind", "top") == kind)
+
+    top_html, bottom_html = examples("top"), examples("bottom")
+    never = "<p class=meta>This unit never had a positive code on the recorded tokens.</p>"
+    unit = int(u["unit"])
+    prev_link = f'<a href="{unit - 1}.html">‹ prev</a>' if unit > 0 else ""
+    next_link = f'<a href="{unit + 1}.html">next ›</a>' if unit + 1 < n_units else ""
     page = f"""<!doctype html><html><head><meta charset=utf-8><title>unit {unit} · {_esc(title)}</title>
 <style>{CSS}</style></head><body><p><a href="../index.html">← all units</a>
-{f'<a href="{unit - 1}.html">‹ prev</a>' if unit > 0 else ''} <a href="{unit + 1}.html">next ›</a></p>
+{prev_link} {next_link}</p>
 <h1>Unit {unit}</h1>
-<table class=metrics><tr><td>frequency</td><td class=num>{100 * u["frequency"]:.4f}%</td></tr>
-<tr><td>max activation</td><td class=num>{vmax:.3f}</td></tr>
-<tr><td>mean when active</td><td class=num>{u["mean_activation"]:.3f}</td></tr>
+<table class=metrics><tr><td>frequency (code ≠ 0)</td><td class=num>{100 * u["frequency"]:.4f}%</td></tr>
+<tr><td>max / min activation</td><td class=num>{vmax:.3f} / {vmin:.3f}</td></tr>
+<tr><td>mean when firing</td><td class=num>{u["mean_activation"]:.3f}</td></tr>
 <tr><td>median / q90 / q99</td><td class=num>{u["q50"]:.3f} / {u["q90"]:.3f} / {u["q99"]:.3f}</td></tr></table>
-<h2>Activation histogram (when active, 0 to max)</h2><div class=bars>{bars}</div>
+<h2>Activation histogram (firing tokens, {hist_lo:.3g} to {hist_hi:.3g})</h2><div class=bars>{bars}</div>
 <h2>Logit lens</h2><p>promoted: {pills("promoted") or '<span class=meta>n/a</span>'}</p>
 <p>suppressed: {pills("suppressed", "sup") or '<span class=meta>n/a</span>'}</p>
-<h2>Top activating examples</h2>{ex_html or '<p class=meta>This unit never fired on the recorded tokens.</p>'}
+<h2>Top activating examples</h2>{top_html or never}
+{f'<h2>Most negative examples</h2>{bottom_html}' if bottom_html else ''}
 </body></html>"""
     path.write_text(page, encoding="utf-8")
