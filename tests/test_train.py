@@ -211,3 +211,43 @@ def test_a_sweep_killed_between_members_resumes_to_the_uninterrupted_weights(sma
         for (name, a), b in zip(w.state_dict().items(), r.state_dict().values()):
             assert torch.equal(a, b), (c.architecture, c.k, name)
     assert not list(tmp_path.glob("killed/.*checkpoint*"))
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "batchtopk", "topk", "matryoshka_topk"])
+def test_train_json_records_the_compute_dtype_that_ran(small_store, tmp_path, arch):
+    """Asked for bfloat16, a kind whose training forward gives the same numbers as in float32 did not use it:
+    train.json must say what ran, found here by running one forward both ways."""
+    from unitscope.dictionaries.train import build_dictionary
+
+    cfg = _cfg(architecture=arch, compute_dtype="bfloat16", train_tokens=256 * 2)
+    x = small_store.acts("blocks.1.resid_post", 0)[:256].float()
+    sae = build_dictionary(cfg, x.shape[1], {})
+    a = sae.training_forward(x, compute_dtype=None).loss
+    b = sae.training_forward(x, compute_dtype=torch.bfloat16).loss
+    ran = "float32" if torch.equal(a, b) else "bfloat16"
+    Trainer(small_store, "blocks.1.resid_post", cfg, tmp_path / "d", progress=False).run()
+    assert json.loads((tmp_path / "d" / "train.json").read_text())["compute_dtype"] == ran
+    assert ran == ("float32" if arch in ("standard", "jumprelu") else "bfloat16")
+
+
+def test_the_logged_fvu_of_a_matryoshka_sae_is_the_whole_dictionary_fvu(small_store, tmp_path):
+    """The training log's FVU at a step equals the FVU of the full dictionary's reconstruction of that step's batch
+    (recomputed with the dense inference path), not the mean over prefixes that is minimised."""
+    import copy
+
+    t = Trainer(small_store, "blocks.1.resid_post", _cfg(architecture="matryoshka_topk", compute_dtype="float32"),
+                tmp_path / "m", progress=False)
+    t.begin()
+    batches = t._batches(0)
+    for _ in range(19):
+        t.train_step(*next(batches))
+    x, y = next(batches)
+    before = copy.deepcopy(t.sae)
+    t.train_step(x, y)
+    xs = x * t.scale
+    with torch.no_grad():
+        recon = before.reconstruct(xs)[1]
+        whole = float((xs - recon).pow(2).sum() / (xs - xs.mean(0)).pow(2).sum())
+    assert t.log[-1]["step"] == 20
+    assert abs(t.log[-1]["fvu"] - whole) < 2e-5
+    assert t.log[-1]["loss"] > whole + 0.01  # what is minimised (the prefix mean) is logged apart

@@ -42,6 +42,7 @@ class SparseAutoencoder(Dictionary):
     """Shared weights and file handling of every SAE kind."""
 
     skip: bool = False  # skip transcoders add W_skip @ x to the reconstruction
+    sparse_kernels: bool = False  # trains through kernels.select_encode, the only place compute_dtype applies
     tied_init: bool = True  # start with W_enc = W_decᵀ (input and output in one space); not for transcoders
 
     def __init__(self, d_in: int, n_units: int, metadata: dict[str, Any] | None = None,
@@ -131,7 +132,7 @@ class SparseAutoencoder(Dictionary):
         if self.apply_b_dec_to_input and scale != out_scale:
             raise UnitscopeError("an SAE that subtracts b_dec from its input needs one scale for input and output")
 
-    # Dense training path (ReLU-like kinds); TopK kinds override with the sparse kernels.
+    # Dense training path (ReLU-like kinds, always float32); TopK kinds override with the sparse kernels.
     def activate_train(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, sparsity penalty) for one batch of pre-activations."""
         raise NotImplementedError
@@ -156,6 +157,8 @@ class SparseAutoencoder(Dictionary):
 class TopKSAE(SparseAutoencoder):
     """TopK SAE (Gao et al. 2024): keep the k largest pre-activations (ReLU'd); AuxK revives dead latents."""
 
+    sparse_kernels = True
+
     def __init__(self, d_in: int, n_units: int, k: int = 32, aux_k: int | None = None,
                  aux_coef: float = 1 / 32, **kw: Any):
         if not 0 < k <= n_units:
@@ -176,41 +179,57 @@ class TopKSAE(SparseAutoencoder):
     def _kwargs(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         return {"k": int(cfg.get("k", 32))}
 
-    def reconstruction_loss(self, target, acts, idx, recon) -> torch.Tensor:
-        return fvu(target, recon)
+    def reconstruction_loss(self, target, acts, idx, recon, full: torch.Tensor) -> torch.Tensor:
+        """The loss to minimise; `full` is the FVU of the whole dictionary, which is also what gets logged."""
+        return full
+
+    def select_top(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Latents kept per row: (idx[B, m], mask[B, m] of the picks that count, or None when all do)."""
+        return pre.topk(self.k, dim=1, sorted=False).indices, None
 
     def training_forward(self, x: torch.Tensor, dead: torch.Tensor | None = None,
                          target: torch.Tensor | None = None,
                          compute_dtype: torch.dtype | None = None) -> TrainOutput:
         target = x if target is None else target
         x_in = x - self.b_dec if self.apply_b_dec_to_input else x
-        k = self.k
         n_dead = int(dead.sum()) if dead is not None else 0
         ka = min(self.aux_k, n_dead)
+        picked: dict[str, Any] = {}
 
         def select(pre: torch.Tensor) -> torch.Tensor:
-            top = pre.topk(k, dim=1, sorted=False).indices
+            top, keep = self.select_top(pre)
+            picked["m"], picked["keep"] = top.shape[1], keep
             if not ka:
                 return top
             aux = pre.masked_fill(~dead, float("-inf")).topk(ka, dim=1, sorted=False).indices
             return torch.cat([top, aux], dim=1)
 
         vals, idx = select_encode(x_in, self.W_enc.t(), self.b_enc, select, compute_dtype)
-        acts = F.relu(vals[:, :k])
-        recon = sparse_decode(acts, idx[:, :k], self.W_dec) + self.b_dec
+        m, keep = picked["m"], picked["keep"]
+        acts = F.relu(vals[:, :m])
+        if keep is not None:
+            acts = acts * keep
+        top = idx[:, :m]
+        recon = sparse_decode(acts, top, self.W_dec) + self.b_dec
         if self.skip:
             recon = recon + x @ self.W_skip.t()
-        loss = self.reconstruction_loss(target, acts, idx[:, :k], recon)
+        full = fvu(target, recon)
+        loss = self.reconstruction_loss(target, acts, top, recon, full)
         extra = {}
         if ka:
             err = (target - recon).detach()
-            aux_recon = sparse_decode(F.relu(vals[:, k:]), idx[:, k:], self.W_dec)
+            aux_recon = sparse_decode(F.relu(vals[:, m:]), idx[:, m:], self.W_dec)
             aux = fvu(err, aux_recon + err.mean(0))
             loss = loss + self.aux_coef * aux.nan_to_num(0.0)
-            extra["auxk_fvu"] = float(aux)
+            extra["auxk_fvu"] = float(aux.detach())
+        if loss is not full:
+            extra["loss"] = float(loss.detach())
         fired_mask = acts > 0
-        return TrainOutput(loss, loss.detach() if not ka else fvu(target, recon).detach(),
-                           float(fired_mask.sum()) / x.shape[0], idx[:, :k][fired_mask], extra)
+        self.after_step(acts[fired_mask].detach())
+        return TrainOutput(loss, full.detach(), float(fired_mask.sum()) / x.shape[0], top[fired_mask], extra)
+
+    def after_step(self, fired_values: torch.Tensor) -> None:
+        """Hook for kinds that learn from the batch's activations (BatchTopK's threshold)."""
 
 
 def _fold_decoder_norm(sae: SparseAutoencoder) -> None:
@@ -327,19 +346,36 @@ class BatchTopKSAE(TopKSAE):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return F.relu(pre) * (pre > self.topk_threshold).to(pre.dtype)
 
-    def activate_train(self, pre):
-        flat = F.relu(pre).flatten()
-        vals, idx = flat.topk(self.k * pre.shape[0])
-        codes = torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
-        with torch.no_grad():
-            pos = vals[vals > 0]
-            if len(pos) and self.topk_threshold == 0:
-                self.topk_threshold.fill_(pos.min())  # start the running estimate at the first batch's value
-            elif len(pos):
-                self.topk_threshold.mul_(1 - self.threshold_lr).add_(self.threshold_lr * pos.min())
-        return codes, pre.new_zeros(())
+    def select_top(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The k*B largest positive pre-activations of the batch, as (idx[B, m], mask): each row's picks padded
+        to the row with most. They are found among each row's top M candidates (M doubles until no row has
+        all its candidates picked, which proves no pick lies beyond them): ~3x faster than a topk over B*n."""
+        b, n = pre.shape
+        n_keep = min(self.k * b, pre.numel())
+        width = min(n, 4 * self.k)
+        while True:
+            cand = pre.topk(width, dim=1, sorted=False)
+            chosen = torch.zeros(b * width, dtype=torch.bool, device=pre.device)
+            chosen[cand.values.flatten().topk(n_keep, sorted=False).indices] = True
+            chosen = chosen.view(b, width)
+            if width == n or not chosen.all(1).any():
+                break
+            width = min(n, 2 * width)
+        chosen &= cand.values > 0
+        m = max(1, int(chosen.sum(1).max()))
+        order = chosen.float().topk(m, dim=1, sorted=False).indices
+        return cand.indices.gather(1, order), chosen.gather(1, order)
 
-    training_forward = SparseAutoencoder.training_forward
+    @torch.no_grad()
+    def after_step(self, fired_values: torch.Tensor) -> None:
+        """Running estimate of the smallest kept activation: the threshold that replaces the batch at inference."""
+        if not len(fired_values):
+            return
+        low = fired_values.min()
+        if self.topk_threshold == 0:
+            self.topk_threshold.fill_(low)  # start the running estimate at the first batch's value
+        else:
+            self.topk_threshold.mul_(1 - self.threshold_lr).add_(self.threshold_lr * low)
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Saved as the equivalent JumpReLU SAE (one threshold for every latent)."""
@@ -368,12 +404,14 @@ class MatryoshkaTopKSAE(TopKSAE):
     def _kwargs(cls, cfg):
         return {**super()._kwargs(cfg), "prefixes": cfg.get("matryoshka_widths")}
 
-    def reconstruction_loss(self, target, acts, idx, recon) -> torch.Tensor:
-        losses = [fvu(target, recon)]
-        for p in self.prefixes[:-1]:
-            part = sparse_decode(acts * (idx < p), idx, self.W_dec) + self.b_dec
-            losses.append(fvu(target, part))
-        return torch.stack(losses).mean()
+    def prefix_reconstructions(self, acts: torch.Tensor, idx: torch.Tensor) -> list[torch.Tensor]:
+        """Reconstructions from the latents below each prefix size but the last (the whole dictionary)."""
+        return [sparse_decode(acts * (idx < p), idx, self.W_dec) + self.b_dec for p in self.prefixes[:-1]]
+
+    def reconstruction_loss(self, target, acts, idx, recon, full) -> torch.Tensor:
+        """The mean FVU over the prefixes (the whole dictionary included); the logged FVU stays the whole's."""
+        parts = [fvu(target, part) for part in self.prefix_reconstructions(acts, idx)]
+        return torch.stack([full, *parts]).mean()
 
 
 @register("transcoder")

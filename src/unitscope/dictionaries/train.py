@@ -281,7 +281,8 @@ class Trainer:
             self._initialise()
         for later in [s for s in steps if s > self.step]:
             self._remove_checkpoint(later)
-        self._compute = resolve_compute_dtype(self.cfg.compute_dtype, self.cfg.device)
+        self._compute = resolve_compute_dtype(self.cfg.compute_dtype, self.cfg.device) if self.sae.sparse_kernels \
+            else None
         self._ema_fvu: float | None = None
         self._last = None
 
@@ -306,7 +307,9 @@ class Trainer:
         self._ema_fvu = f if self._ema_fvu is None else 0.95 * self._ema_fvu + 0.05 * f
         self.seconds += time.perf_counter() - t0
         if self.step % 10 == 0 or self.step == cfg.steps:
-            self.log.append({"step": self.step, "fvu": round(f, 5), "l0": round(out.l0, 2),
+            # fvu: the whole dictionary's on this batch; loss: what is minimised (penalties, AuxK, prefix means)
+            self.log.append({"step": self.step, "fvu": round(f, 5), "loss": round(float(out.loss.detach()), 5),
+                             "l0": round(out.l0, 2),
                              "dead_frac": round(float(dead.float().mean()), 4),
                              "tokens_per_s": round(self.step * cfg.batch_size / max(self.seconds, 1e-9))})
             self._last = self.log[-1]
@@ -371,13 +374,18 @@ class Trainer:
     def _normalise_decoder(self) -> None:
         self.sae.W_dec.div_(self.sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
+    def compute_dtype_used(self) -> str:
+        """The encoder product's dtype as it ran: only the sparse-kernel kinds use `compute_dtype`."""
+        used = resolve_compute_dtype(self.cfg.compute_dtype, self.cfg.device) if self.sae.sparse_kernels else None
+        return str(used or torch.float32).removeprefix("torch.")
+
     def finish(self, remove_checkpoints: bool = True) -> Dictionary:
         """Save the dictionary with its train.json (one atomic replacement), then drop the checkpoints."""
         final = self.sae
         final.fold_scaling(self.scale, self.out_scale)
         final.metadata["activation_scale_folded"] = self.scale
         summary = {"config": asdict(self.cfg), "site": self.site, "steps": self.step,
-                   "compute_dtype": str(resolve_compute_dtype(self.cfg.compute_dtype, self.cfg.device) or "float32"),
+                   "compute_dtype": self.compute_dtype_used(),
                    "tokens": self.step * self.cfg.batch_size, "seconds": round(self.seconds, 2),
                    "tokens_per_s": round(self.step * self.cfg.batch_size / max(self.seconds, 1e-9), 1),
                    "log": self.log}
