@@ -76,8 +76,80 @@ def test_bad_corpus(tiny_model_dir, tmp_path, kind):
 @pytest.mark.parametrize("tokens", ["0", "-5"])
 def test_non_positive_tokens(tiny_model_dir, tmp_path, tokens):
     _fails(run_cli("record", "--model", tiny_model_dir, "--tokens", tokens, "--out", tmp_path / "s"),
-           f"--tokens must be a positive number of tokens, not {tokens}")
+           "argument --tokens", f"positive whole number, not {tokens}")
     _fails(run_cli("run", "--model", tiny_model_dir, "--tokens", tokens, "--runs-dir", tmp_path), "--tokens")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "default").exists()
+
+
+@pytest.mark.parametrize("args,words", [
+    (["eval", "--dictionary", "d", "--store", "s", "--out", "e.json", "--eval-tokens", "-5"],
+     ["argument --eval-tokens", "not -5"]),
+    (["eval", "--dictionary", "d", "--store", "s", "--out", "e.json", "--eval-batch-size", "0"],
+     ["argument --eval-batch-size", "not 0"]),
+    (["run", "--ctx-len", "0"], ["argument --ctx-len", "not 0"]),
+    (["run", "--ctx-len", "1"], ["argument --ctx-len", "at least 2"]),
+    (["record", "--tokens", "10", "--out", "s", "--shard-tokens", "0"], ["argument --shard-tokens", "not 0"]),
+    (["record", "--tokens", "10", "--out", "s", "--record-batch-size", "x"], ["'x' is not a whole number"]),
+    (["run", "--device", "cuda:99"], ["argument --device", "cuda:99"]),
+    (["run", "--train-device", "quantum"], ["argument --train-device", "unknown device 'quantum'"]),
+    (["run", "--lr", "nan"], ["argument --lr", "positive finite"]),
+    (["run", "--dtype", "float8"], ["argument --dtype", "unknown dtype 'float8'"]),
+    (["train", "--store", "s", "--out", "d", "--compute-dtype", "int4"], ["argument --compute-dtype", "int4"]),
+])
+def test_bad_option_values_are_one_sentence_before_any_work(tmp_path, args, words):
+    """Refused while parsing: nothing is loaded or written (the paths named do not even exist)."""
+    _fails(run_cli(*args, cwd=tmp_path), *words)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_that_is_not_gguf(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"PK\x03\x04 this is a zip, not a model")
+    _fails(run_cli("sites", fake), "is not a GGUF file")
+
+
+def test_a_model_directory_with_only_a_pickle_is_refused_and_never_unpickled(tmp_path, tiny_model_dir):
+    import pickle
+
+    bad = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, bad)
+    for f in bad.glob("*.safetensors"):
+        f.unlink()
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (bad / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    _fails(run_cli("sites", bad), "no .safetensors weights", "pytorch_model.bin", "never loaded")
+    assert not marker.exists()
+
+
+def test_out_naming_an_existing_file_is_refused_and_left_alone(cli_store, cli_dictionary, tiny_model_dir, tmp_path):
+    f = tmp_path / "taken"
+    f.write_text("precious")
+    _fails(run_cli("record", "--model", tiny_model_dir, "--site", "blocks.1.resid_post", "--tokens", "100",
+                   "--out", f), "is an existing file")
+    _fails(run_cli("train", "--store", cli_store, "--out", f, "--units", "64", "--k", "4"), "is an existing file")
+    _fails(run_cli("explain", "--dictionary", cli_dictionary, "--store", cli_store, "--out", f), "is an existing file")
+    _fails(run_cli("eval", "--dictionary", cli_dictionary, "--store", cli_store, "--out", tmp_path), "is a directory")
+    _fails(run_cli("eval", "--dictionary", cli_dictionary, "--store", cli_store, "--out", f / "core.json"),
+           "is a file")
+    assert f.read_text() == "precious"
+
+
+def test_a_dictionary_with_nan_weights_is_refused(cli_store, cli_dictionary, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan"
+    shutil.copytree(cli_dictionary, bad)
+    w = load_file(str(bad / "sae_weights.safetensors"))
+    w["W_dec"][5, 2] = float("nan")
+    save_file(w, str(bad / "sae_weights.safetensors"))
+    _fails(run_cli("eval", "--dictionary", bad, "--store", cli_store, "--out", tmp_path / "e.json"),
+           "'W_dec'", "NaN")
+    assert not (tmp_path / "e.json").exists()
 
 
 def test_store_recorded_with_other_model_or_site(cli_store, tiny_model_dir, tmp_path):
@@ -123,7 +195,7 @@ def test_bad_training_options(cli_store, tmp_path):
     _fails(run_cli("train", "--store", cli_store, "--out", tmp_path / "d", "--architecture", "nope"),
            "unknown architecture 'nope'")
     _fails(run_cli("train", "--store", cli_store, "--out", tmp_path / "d", "--units", "64", "--k", "65"), "k=65")
-    _fails(run_cli("train", "--store", cli_store, "--out", tmp_path / "d", "--lr", "0"), "learning rate")
+    _fails(run_cli("train", "--store", cli_store, "--out", tmp_path / "d", "--lr", "0"), "argument --lr", "not 0")
 
 
 def test_stage_commands_work_on_a_local_model_directory(cli_store, cli_dictionary, tiny_model_dir, tmp_path):
@@ -181,3 +253,109 @@ def test_kill_9_during_train_then_rerun_ends_with_the_uninterrupted_weights(cli_
     a = load_file(str(killed / "sae_weights.safetensors"))
     b = load_file(str(tmp_path / "whole" / "sae_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- the same model, the same site, the same text ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory, tokenizer):
+    """A tiny Llama of exactly the same shapes as tiny_model_dir, with other weights."""
+    from conftest import tiny_model
+
+    d = tmp_path_factory.mktemp("other-llama")
+    torch.manual_seed(123)
+    m = tiny_model("llama", len(tokenizer))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    m.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+def test_eval_and_explain_use_the_store_model_by_default(cli_store, cli_dictionary, tmp_path):
+    """No --model: the store's own model (a local directory here), not SmolLM2."""
+    p = run_cli("eval", "--dictionary", cli_dictionary, "--store", cli_store, "--eval-tokens", "128",
+                "--out", tmp_path / "core.json", "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "core.json").read_text())["eval_config"]["model_name"].endswith("tiny-llama0")
+    p = run_cli("explain", "--dictionary", cli_dictionary, "--store", cli_store, "--out", tmp_path / "e", "--quiet")
+    assert p.returncode == 0, p.stderr
+
+
+def test_a_same_width_model_that_is_not_the_store_model_is_refused(cli_store, cli_dictionary, other_model_dir,
+                                                                    tmp_path):
+    for cmd in (["eval", "--out", tmp_path / "e.json"], ["explain", "--out", tmp_path / "x"]):
+        _fails(run_cli(cmd[0], "--dictionary", cli_dictionary, "--store", cli_store, "--model", other_model_dir,
+                       *cmd[1:]), "is not the model", "weights differ")
+    _fails(run_cli("train", "--store", cli_store, "--architecture", "neurons", "--site", "blocks.1.resid_post",
+                   "--model", other_model_dir, "--out", tmp_path / "n"), "is not the model")
+    _fails(run_cli("eval", "--dictionary", cli_dictionary, "--corpus", "default", "--model", other_model_dir,
+                   "--out", tmp_path / "e.json"), "is not the model", "the dictionary")
+    assert not (tmp_path / "e.json").exists() and not (tmp_path / "x").exists()
+
+
+def test_explain_refuses_a_dictionary_whose_site_the_store_lacks(cli_store, cli_dictionary, tmp_path):
+    """Same width, other site: explaining it on blocks.1's activations would be silently wrong."""
+    from unitscope import load_dictionary
+
+    elsewhere = tmp_path / "elsewhere"
+    d = load_dictionary(cli_dictionary)
+    d.metadata["hook_name"] = "blocks.0.resid_post"
+    d.save(elsewhere)
+    for cmd, out in (("explain", tmp_path / "x"), ("eval", tmp_path / "e.json")):
+        _fails(run_cli(cmd, "--dictionary", elsewhere, "--store", cli_store, "--out", out),
+               "reads site 'blocks.0.resid_post'", "does not hold", "blocks.1.resid_post")
+        assert not out.exists()
+
+
+def test_eval_on_any_text_without_a_store(cli_dictionary, tmp_path):
+    text = tmp_path / "prose.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog near the river bank. " * 60)
+    p = run_cli("eval", "--dictionary", cli_dictionary, "--corpus", text, "--eval-tokens", "256",
+                "--out", tmp_path / "core.json", "--quiet")
+    assert p.returncode == 0, p.stderr
+    r = json.loads((tmp_path / "core.json").read_text())
+    assert r["eval_config"]["start_window"] == 0 and r["eval_config"]["corpus"]["spec"] == str(text)
+    assert r["eval_config"]["context_size"] == 32  # the dictionary's training context
+    assert 0 < r["eval_result_metrics"]["reconstruction_quality"]["fvu"] < 10
+
+
+@pytest.fixture()
+def text_store(tmp_path, tiny_model_dir):
+    corpus = tmp_path / "notes.txt"
+    corpus.write_text("\n\n".join(f"Note {i}: the meeting moved to room {i * 7 % 13}." for i in range(400)))
+    store = tmp_path / "store"
+    p = run_cli("record", "--model", tiny_model_dir, "--site", "blocks.1.resid_post", "--corpus", corpus,
+                "--tokens", "1024", "--ctx-len", "32", "--shard-tokens", "256", "--out", store, "--quiet")
+    assert p.returncode == 0, p.stderr
+    return corpus, store
+
+
+def test_a_corpus_whose_text_changed_is_refused_for_resume_and_held_out_eval(text_store, tiny_model_dir, tmp_path):
+    corpus, store = text_store
+    p = run_cli("train", "--store", store, "--out", tmp_path / "d", "--units", "32", "--k", "4", "--batch-size",
+                "128", "--train-tokens", "256", "--quiet")
+    assert p.returncode == 0, p.stderr
+    corpus.write_text(corpus.read_text().replace("Note 3:", "Note three:"))
+    before = (store / "store.json").read_text()
+    _fails(run_cli("record", "--model", tiny_model_dir, "--site", "blocks.1.resid_post", "--corpus", corpus,
+                   "--tokens", "2048", "--ctx-len", "32", "--shard-tokens", "256", "--out", store),
+           "not the text this store was recorded from")
+    assert (store / "store.json").read_text() == before
+    _fails(run_cli("eval", "--dictionary", tmp_path / "d", "--store", store, "--out", tmp_path / "e.json"),
+           "not the text this store was recorded from", "overlap")
+
+
+def test_verify_names_a_corrupt_shard_and_resume_refuses_it(text_store, tiny_model_dir):
+    corpus, store = text_store
+    p = run_cli("verify", store, "--quiet")
+    assert p.returncode == 0 and "every checksum matches" in p.stdout, p.stderr
+    shard = store / "shards" / "000002.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-7] ^= 0xFF  # one flipped byte, same size: only the checksum can tell
+    shard.write_bytes(bytes(raw))
+    _fails(run_cli("verify", store), "000002.safetensors", "checksum does not match")
+    _fails(run_cli("record", "--model", tiny_model_dir, "--site", "blocks.1.resid_post", "--corpus", corpus,
+                   "--tokens", "2048", "--ctx-len", "32", "--shard-tokens", "256", "--out", store),
+           "000002.safetensors", "checksum")
