@@ -53,4 +53,39 @@ def test_collect_stops_after_the_last_needed_site(llama_subject):
     with llama_subject.capture(["blocks.0.resid_post"]) as full:
         llama_subject.logits(torch.zeros(1, 4, dtype=torch.long))
     assert torch.equal(full["blocks.0.resid_post"], acts["blocks.0.resid_post"])
-    assert issubclass(StopForward, Exception)
+
+
+def _module_events(model):
+    """Hooks on every module that log ("start", name) and ("end", name) in call order."""
+    events, handles = [], []
+    for name, mod in model.named_modules():
+        handles.append(mod.register_forward_pre_hook(lambda _m, _a, n=name: events.append(("start", n))))
+        handles.append(mod.register_forward_hook(lambda _m, _a, _o, n=name: events.append(("end", n))))
+    return events, handles
+
+
+@pytest.mark.parametrize("names", [["blocks.0.resid_post"], ["blocks.0.mlp_in", "blocks.1.mlp_out"],
+                                   ["blocks.1.mlp_in"], ["blocks.2.resid_post", "blocks.0.resid_post"]])
+def test_a_stopped_forward_runs_exactly_the_modules_before_the_last_site(tiny_subject, names):
+    """Every module call of a full forward is logged; a collect() must make exactly the calls of the full forward
+    up to the last needed site (its module's start for an input site, its end for an output one), then none."""
+    ids = torch.randint(0, 300, (2, 5))
+    model = tiny_subject.model
+    events, handles = _module_events(model)
+    try:
+        tiny_subject.logits(ids)
+        full = list(events)
+        events.clear()
+        acts = tiny_subject.collect(ids, names)
+        stopped = list(events)
+    finally:
+        for h in handles:
+            h.remove()
+    refs = [tiny_subject.site(n) for n in names]
+    last = max(full.index(("start" if r.io == "input" else "end", r.module_path)) for r in refs)
+    assert stopped == full[:last + 1]
+    assert ("end", "") in full and ("end", "") not in stopped  # the model's own forward never finished
+    assert sorted(acts) == sorted(names)
+    with pytest.raises(StopForward):  # StopForward escapes the forward: hooks raise it, collect() catches it
+        with tiny_subject.capture(names, stop=True):
+            model(input_ids=ids, use_cache=False)
