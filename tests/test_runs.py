@@ -1,0 +1,89 @@
+"""run.json holds every option, each beside the stage it belongs to, and never calls work done that was not."""
+
+import json
+
+import pytest
+
+from unitscope import UnitscopeError
+from unitscope.cli import build_parser
+from unitscope.commands.options import train_configs
+from unitscope.commands.run import run_config
+from unitscope.runs import STAGE_OPTIONS, STAGES, Run
+
+NOT_OPTIONS = {"help", "quiet", "name", "runs_dir", "overwrite", "func", "command"}
+
+
+def _config(**changes):
+    args = build_parser().parse_args(["run", *[x for k, v in changes.items() for x in (f"--{k}", str(v))]])
+    return run_config(args, train_configs(args)[0], args.site or ["blocks.6.resid_post"])
+
+
+def test_every_option_of_run_is_recorded_and_owned_by_a_stage():
+    """Introspects the parser: a new option that run.json forgets fails here."""
+    parser = build_parser()
+    run_parser = parser._subparsers._group_actions[0].choices["run"]
+    dests = {a.dest for a in run_parser._actions} - NOT_OPTIONS
+    config = _config()
+    renamed = {"site": "sites", "units": "units", "architecture": "architecture"}
+    missing = {d for d in dests if renamed.get(d, d) not in config}
+    assert not missing, f"options missing from run.json: {missing}"
+    owned = {k for opts in STAGE_OPTIONS.values() for k in opts}
+    assert set(config) <= owned
+    for flag, value in (("top", 7), ("shard-tokens", 999), ("record-batch-size", 3), ("checkpoint-every", 9),
+                        ("resample-every", 4), ("eval-batch-size", 5), ("train-device", "cpu")):
+        assert _config(**{flag: value})[flag.replace("-", "_")] == value
+
+
+def _stages(run, calls, fail_at=None):
+    for name in STAGES:
+        def fn(name=name):
+            if name == fail_at:
+                raise KeyboardInterrupt  # a kill in the middle of this stage
+            calls.append(name)
+        run.stage(name, fn, log=lambda _m: None)
+
+
+def test_changing_an_option_of_a_finished_stage_is_refused_unless_that_stage_is_redone(tmp_path):
+    calls = []
+    _stages(Run(tmp_path, _config(), []), calls)
+    before = (tmp_path / "run.json").read_text()
+    # --top belongs to explain: redoing only the report would leave explain made with the old value
+    with pytest.raises(UnitscopeError, match=r"--top was 20, now 30 \(explain stage\).*--overwrite explain"):
+        Run(tmp_path, _config(top=30), ["report"])
+    # --tokens belongs to record: --overwrite eval does not redo it
+    with pytest.raises(UnitscopeError, match=r"--tokens was 200000, now 1000 \(record stage\).*--overwrite record"):
+        Run(tmp_path, _config(tokens=1000), ["eval"])
+    with pytest.raises(UnitscopeError, match="--shard-tokens"):
+        Run(tmp_path, _config(**{"shard-tokens": 1024}), [])
+    assert (tmp_path / "run.json").read_text() == before  # a refusal writes nothing
+    calls.clear()
+    _stages(Run(tmp_path, _config(top=30), ["explain"]), calls)
+    assert calls == ["explain", "report"]
+    state = json.loads((tmp_path / "run.json").read_text())
+    assert state["config"]["top"] == 30 and state["stages"]["explain"]["options"] == {"top": 30}
+    assert state["stages"]["record"]["options"]["tokens"] == 200000
+
+
+def test_a_stage_killed_while_redone_leaves_the_later_ones_stale_not_done(tmp_path):
+    calls = []
+    _stages(Run(tmp_path, _config(), []), calls)
+    with pytest.raises(KeyboardInterrupt):
+        _stages(Run(tmp_path, _config(units=256), ["train"]), [], fail_at="train")
+    state = json.loads((tmp_path / "run.json").read_text())
+    assert state["stages"]["train"]["status"] == "running"
+    assert {state["stages"][s]["status"] for s in ("eval", "explain", "report")} == {"stale"}
+    # rerun without --overwrite: train resumes and every stage after it is redone, none skipped as "done"
+    calls.clear()
+    _stages(Run(tmp_path, _config(units=256), []), calls)
+    assert calls == ["train", "eval", "explain", "report"]
+    state = json.loads((tmp_path / "run.json").read_text())
+    assert all(state["stages"][s]["status"] == "done" for s in STAGES)
+    assert state["stages"]["train"]["options"]["units"] == 256
+
+
+def test_unknown_stage_and_corrupt_run_json(tmp_path):
+    with pytest.raises(UnitscopeError, match="unknown stage 'trian'"):
+        Run(tmp_path, _config(), ["trian"])
+    (tmp_path / "run.json").write_text('{"config": ')
+    with pytest.raises(UnitscopeError, match="is corrupt"):
+        Run(tmp_path, _config(), [])
