@@ -71,3 +71,27 @@ def test_bad_evaluation_sizes_and_non_finite_dictionaries(llama_subject):
         d.b_dec[0] = float("nan")
     with pytest.raises(UnitscopeError, match="not finite"):
         evaluate_fidelity(llama_subject, d, Corpus("default"), 16, start_window=0, n_tokens=64, progress=False)
+
+
+def test_held_out_windows_are_disjoint_from_the_recorded_ones(tmp_path, llama_subject):
+    """The evaluator sees exactly the stream windows after the store's, none of which is a recorded one."""
+    from unitscope import record
+
+    corpus = Corpus("default")
+    store = record(llama_subject, corpus, [SITE], 1000, tmp_path / "s", ctx_len=16, shard_tokens=160, progress=False)
+    seen = []
+    handle = llama_subject.model.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
+    try:
+        d = Neurons(32, metadata={"hook_name": SITE})
+        r = evaluate_fidelity(llama_subject, d, corpus, 16, start_window=store.n_windows, n_tokens=160,
+                              batch_size=4, progress=False)
+    finally:
+        handle.remove()
+    evaluated = {tuple(row.tolist()) for ids in seen for row in ids if len(row) == 16}  # not the width probe
+    stream = [w.tokens for _, w in zip(range(store.n_windows + 10), corpus.windows(llama_subject.tokenizer, 16))]
+    recorded = np.concatenate(stream[:store.n_windows])[:store.n_tokens]
+    assert np.array_equal(recorded, store.column("tokens"))  # the store is the stream's first windows
+    assert evaluated == {tuple(w.tolist()) for w in stream[store.n_windows:]}  # eval: exactly the next ones
+    assert not evaluated & {tuple(w.tolist()) for w in stream[:store.n_windows]}
+    assert r["eval_config"]["start_window"] == store.n_windows == 63
