@@ -55,13 +55,26 @@ def test_saelens_and_unitscope_encode_each_others_files_identically(saelens_pyth
 
     # SAELens-saved SAEs (random weights, and trained by SAELens' own step), loaded by unitscope, encode as
     # SAELens does
+    # and decode those codes, and reconstruct x, as SAELens does
     theirs = load_file(str(tmp_path / "saelens_codes.safetensors"))
     for name in ("topk", "topk_rescaled", "jumprelu", "trained_topk", "trained_jumprelu"):
         d = load_dictionary(tmp_path / f"saelens_{name}")
-        codes = d.encode(x).detach()
+        with torch.no_grad():
+            codes = d.encode(x)
+            decoded = d.decode(theirs[name])
+            recon = d.reconstruct(x)[1]
         assert 0 < (theirs[name] != 0).float().mean() < 0.9, name  # a real sparse code, not all zero
         assert (codes - theirs[name]).abs().max() < 1e-5, name
         assert ((codes != 0) == (theirs[name] != 0)).all(), name
+        scale = theirs[f"{name}.forward"].abs().max()
+        assert (decoded - theirs[f"{name}.decode"]).abs().max() < 1e-5 * scale, name
+        assert (recon - theirs[f"{name}.forward"]).abs().max() < 1e-5 * scale, name
+    # rescale_acts_by_decoder_norm is folded into the weights on load, as SAELens' own fold_W_dec_norm does it
+    folded = load_dictionary(tmp_path / "saelens_topk_rescaled").weights()
+    raw = load_file(str(tmp_path / "saelens_topk_rescaled" / "sae_weights.safetensors"))
+    assert not torch.allclose(raw["W_dec"].norm(dim=1), torch.ones(96), atol=1e-3)  # there was a norm to fold
+    for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.allclose(folded[key], theirs[f"topk_rescaled.folded.{key}"], rtol=1e-5, atol=1e-6), key
 
     # unitscope-saved SAEs, loaded by SAELens, encode and decode as unitscope does
     by_saelens = load_file(str(tmp_path / "unitscope_codes_by_saelens.safetensors"))
@@ -69,6 +82,7 @@ def test_saelens_and_unitscope_encode_each_others_files_identically(saelens_pyth
         codes = sae.encode(x).detach()
         assert (by_saelens[f"unitscope_{name}"] - codes).abs().max() < 1e-5, name
         assert (by_saelens[f"unitscope_{name}.recon"] - sae.decode(codes).detach()).abs().max() < 1e-4, name
+        assert (by_saelens[f"unitscope_{name}.forward"] - sae(x).detach()).abs().max() < 1e-4, name
 
 
 def test_sparsify_saved_coders_encode_identically(saelens_python, tmp_path):
@@ -79,9 +93,12 @@ def test_sparsify_saved_coders_encode_identically(saelens_python, tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     theirs = load_file(str(tmp_path / "sparsify_codes.safetensors"))
-    for name in ("sae", "transcoder"):
+    for name in ("sae", "transcoder", "narrow_transcoder"):
         d = load_dictionary(tmp_path / f"sparsify_{name}")
         codes, recon = d.reconstruct(x)
+        assert (d.d_in, d.d_out) == (24, 20 if name == "narrow_transcoder" else 24), name
+        assert recon.shape == theirs[f"{name}.out"].shape, name
         assert (codes.detach() - theirs[name]).abs().max() < 1e-5, name
         assert (recon.detach() - theirs[f"{name}.out"]).abs().max() < 1e-4, name
-    assert load_dictionary(tmp_path / "sparsify_transcoder").architecture == "topk_skip_transcoder"
+    for name in ("transcoder", "narrow_transcoder"):
+        assert load_dictionary(tmp_path / f"sparsify_{name}").architecture == "topk_skip_transcoder"
