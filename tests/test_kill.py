@@ -1,0 +1,106 @@
+"""kill -9 at several points of `unitscope run` and `unitscope explain`; the rerun ends with the uninterrupted result.
+
+Each kill lands while a given stage is running (read from run.json, as a user's monitor would), after a delay
+drawn from a seeded generator, so the points differ between stages and between kills but repeat between runs.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import torch
+from conftest import run_cli
+from safetensors.torch import load_file
+
+RUN = ["--site", "blocks.1.resid_post", "--tokens", "6000", "--ctx-len", "16", "--record-batch-size", "1",
+       "--shard-tokens", "512", "--units", "64", "--k", "4", "--batch-size", "128", "--train-tokens", "64000",
+       "--checkpoint-every", "25", "--eval-tokens", "2048", "--eval-batch-size", "1", "--top", "5", "--quiet"]
+DID = "topk-64-k4"
+
+
+def _popen(args):
+    return subprocess.Popen([sys.executable, "-m", "unitscope", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def _stage_running(root, stage):
+    try:
+        state = json.loads((root / "run.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return state["stages"].get(stage, {}).get("status") == "running"
+
+
+def _kill_when(proc, ready, delay, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.005)
+    time.sleep(delay)
+    killed = proc.poll() is None
+    if killed:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return killed
+
+
+def _results(root):
+    core = json.loads((root / "evals" / DID / "core.json").read_text())
+    metrics = core["eval_result_metrics"]
+    weights = load_file(str(root / "dictionaries" / DID / "sae_weights.safetensors"))
+    tables = {n: pq.read_table(root / "explain" / DID / f"{n}.parquet").to_pylist() for n in ("units", "examples")}
+    return metrics, weights, tables
+
+
+def test_run_killed_in_every_stage_resumes_to_the_uninterrupted_result(tmp_path, tiny_model_dir):
+    args = ["run", "--model", tiny_model_dir, *RUN]
+    ref = run_cli(*args, "--runs-dir", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+    rng = random.Random(6)
+    root = tmp_path / "killed" / "default"
+    landed = []
+    for stage in ("record", "record", "train", "train", "eval", "explain", "report"):
+        proc = _popen([*args, "--runs-dir", tmp_path / "killed"])
+        if _kill_when(proc, lambda s=stage: _stage_running(root, s), rng.uniform(0, 0.4)):
+            landed.append(stage)
+    assert {"record", "train", "eval"} <= set(landed), landed  # the long stages were really interrupted
+    final = run_cli(*args, "--runs-dir", tmp_path / "killed")
+    assert final.returncode == 0, final.stderr
+    state = json.loads((root / "run.json").read_text())
+    assert all(state["stages"][s]["status"] == "done" for s in ("record", "train", "eval", "explain", "report"))
+    (m1, w1, t1), (m2, w2, t2) = _results(tmp_path / "ref" / "default"), _results(root)
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert m1 == m2
+    assert t1 == t2
+    assert (root / "report" / DID / "index.html").is_file()
+
+
+def test_explain_killed_at_several_points_leaves_old_or_new_tables_then_finishes(tmp_path, tiny_model_dir):
+    base = ["--model", tiny_model_dir, "--site", "blocks.1.resid_post", "--ctx-len", "16", "--quiet"]
+    store, d = tmp_path / "store", tmp_path / "d"
+    assert run_cli("record", *base, "--tokens", "20000", "--out", store).returncode == 0
+    p = run_cli("train", "--store", store, "--out", d, "--units", "512", "--k", "8", "--batch-size", "256",
+                "--train-tokens", "2560", "--quiet")
+    assert p.returncode == 0, p.stderr
+    explain = ["explain", "--dictionary", d, "--store", store, "--top", "10", "--quiet"]
+    t0 = time.perf_counter()
+    assert run_cli(*explain, "--out", tmp_path / "ref").returncode == 0
+    took = time.perf_counter() - t0  # kills land between 30% and 95% of an uninterrupted explain
+    ref = {n: pq.read_table(tmp_path / "ref" / f"{n}.parquet").to_pylist() for n in ("units", "examples")}
+    out = tmp_path / "killed"
+    rng = random.Random(7)
+    landed = 0
+    for _ in range(4):
+        proc = _popen([*explain, "--out", out])
+        landed += _kill_when(proc, lambda: True, rng.uniform(0.3, 0.95) * took)
+        present = [n for n in ("units", "examples") if (out / f"{n}.parquet").exists()]
+        assert present in ([], ["units", "examples"])  # never one table without the other
+        for n in present:
+            assert pq.read_table(out / f"{n}.parquet").to_pylist() == ref[n]  # never a partial table
+    assert landed >= 2
+    assert run_cli(*explain, "--out", out).returncode == 0
+    assert {n: pq.read_table(out / f"{n}.parquet").to_pylist() for n in ("units", "examples")} == ref
