@@ -23,6 +23,7 @@ def logit_lens(subject: Subject, dictionary: Dictionary, top: int = 10, chunk: i
     n = dictionary.n_units
     if dirs.shape[-1] != unembed.weight.shape[-1]:
         return {k: [None] * n for k in ("promoted_tokens", "promoted_logits", "suppressed_tokens", "suppressed_logits")}
+    top = min(top, unembed.weight.shape[0])  # a vocabulary smaller than `top` gives all its tokens
     vocab = {}
     out: dict[str, list[Any]] = {"promoted_tokens": [], "promoted_logits": [], "suppressed_tokens": [],
                                  "suppressed_logits": []}
