@@ -82,7 +82,7 @@ def recover(path: str | Path) -> Path:
 
 def _check_target(path: Path, allowed: set[str]) -> None:
     if path.exists() and not path.is_dir():
-        raise UnitscopeError(f"{str(path)!r} is a file; give a directory for this output")
+        raise UnitscopeError(f"{str(path)!r} is an existing file; give a directory for this output")
     if path.is_dir():
         foreign = sorted(p.name for p in path.iterdir() if p.name not in allowed)
         if foreign:
