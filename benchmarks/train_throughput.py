@@ -1,124 +1,252 @@
-"""Training throughput of a TopK SAE (576 -> 9216, k = 32, batch 4096, fp32) on SmolLM2 residual activations:
-unitscope vs SAELens vs sparsify vs dictionary_learning, each with its own training step and Adam, peers
-in their own virtual environments, repetitions interleaved. Prints tokens/s medians, peak memory, held-out
-FVU after the same token budget, and `ratio unitscope/<peer>: X.XX` lines.
+"""Training benchmark: unitscope vs SAELens vs sparsify vs dictionary_learning, reproducible with one command.
 
-    python benchmarks/train_throughput.py [--steps 12] [--reps 3] [--envs /opt]
+    python benchmarks/train_throughput.py            # the real run (about 40-60 minutes on 2 CPU cores)
+    python benchmarks/train_throughput.py --quick    # tiny budgets, a couple of minutes: for development
 
-Peers are found as /opt/venv-saelens, /opt/venv-sparsify, /opt/venv-dictionary_learning (python -m venv,
-`pip install torch==2.13.0` then `sae-lens`, `eai-sparsify`, `dictionary-learning`); a missing one is
-reported and left out. All trainers see the same activations, pre-scaled to E||x||² = d_in, in the same
-order for the peers (unitscope reads its own shuffled store of the same rows), and the same learning rate.
+1. Environments: each peer gets its own virtual environment, made on first use and cached under unitscope's cache
+   directory (benchmarks/peers/envs.py: torch==2.13.0 CPU first, then the pinned peer).
+2. Data: SmolLM2-135M-Instruct activations at blocks.6.resid_post over the default corpus (positions the trainers
+   use: not the first of a window, no special tokens), scaled to E||x||² = d_in, the same rows for every library.
+3. Throughput: a TopK SAE 576 -> 9216, k = 32, batch 4096, every library's own training step with its own
+   defaults, on identical batches. Every timer holds only the step calls (batches are fetched outside all of
+   them) and leaves out the same number of warm-up steps. Repetitions are interleaved (the order rotates each
+   repetition) and ratios come from the medians. Two unitscope paths: the default (compute dtype auto: bfloat16
+   where the CPU has fast bf16) and float32; every peer trains in float32, its default on CPU.
+4. Quality at an equal budget: every library trains a TopK SAE 576 -> 4608 (the default run's width), k = 32,
+   batch 2048, for the same tokens (>= 2M, epochs over the recorded rows) with its own recommended defaults (its
+   own lr, schedule, optimiser, initialisation, auxiliary loss, normalisation; see each peers/*_train.py). Each
+   result becomes a unitscope TopKSAE (load_dictionary on the SAELens and sparsify files; dictionary_learning's
+   weights loaded into TopKSAE), the input scaling is folded, and unitscope's evaluator splices it into the model
+   on held-out text: WikiText-2 validation (../shared/data/wikitext-2/valid.txt), or, if that file is absent, the
+   default corpus windows after the recorded ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from unitscope import Corpus, Store, load_subject, record
-from unitscope.corpus import training_mask
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "peers"))
+
+from envs import PEERS, peer_python  # noqa: E402
+
+from unitscope import Corpus, load_dictionary, load_subject, record  # noqa: E402
+from unitscope.corpus import training_mask  # noqa: E402
+from unitscope.dictionaries.sae import TopKSAE  # noqa: E402
+from unitscope.dictionaries.train import resolve_compute_dtype  # noqa: E402
+from unitscope.evaluate.fidelity import evaluate_fidelity  # noqa: E402
+
 WIKITEXT = HERE.parents[1] / "shared" / "data" / "wikitext-2" / "valid.txt"
 SITE = "blocks.6.resid_post"
+CTX = 128
 
 
-def prepare(work: Path, tokens: int, heldout: int) -> None:
-    if (work / "train.safetensors").is_file():
-        return
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with {torch.get_num_threads()} "
+            f"threads, Python {platform.python_version()}, {platform.system()} {platform.release()}")
+
+
+def prepare(work: Path, tokens: int) -> dict:
+    """Record the activations once (cached in `work`) and write the scaled training rows as safetensors."""
+    meta_path = work / "data.json"
+    if meta_path.is_file():
+        return json.loads(meta_path.read_text())
     subject = load_subject("default")
-    corpus = Corpus(str(WIKITEXT) if WIKITEXT.is_file() else "default")
-    raw = record(subject, corpus, [SITE], tokens + heldout, work / "raw", ctx_len=128, progress=True)
-    mask = training_mask(raw.column("tokens"), raw.column("pos"), np.asarray(raw.manifest["specials"]))
-    x = torch.cat([raw.acts(SITE, i) for i in range(raw.n_shards)])[torch.from_numpy(mask)].float()
-    scale = (x.shape[1] / x.pow(2).sum(1).mean()).sqrt()
-    x = x * scale
-    n_train = len(x) - heldout
-    save_file({"x": x[:n_train].contiguous()}, str(work / "train.safetensors"))
-    save_file({"x": x[n_train:].contiguous()}, str(work / "heldout.safetensors"))
-    # the same rows as a unitscope store (one shard per 16384 rows), for unitscope's own trainer
-    st = Store.create(work / "store", {"model": "prepared", "sites": {SITE: {"width": x.shape[1]}},
-                                       "dtype": "float32", "ctx_len": 128, "corpus": {"spec": "prepared"}})
-    for lo in range(0, n_train, 16384):
-        part = x[lo:min(n_train, lo + 16384)]
-        n = len(part)
-        st.append_shard(np.ones(n, np.int32), np.zeros(n, np.int32), np.arange(1, n + 1, dtype=np.int32),
-                        {SITE: part}, windows=0)
-    st.finish(specials=[])
+    store = record(subject, Corpus("default"), [SITE], tokens, work / "store", ctx_len=CTX, progress=True)
+    mask = training_mask(store.column("tokens"), store.column("pos"), np.asarray(store.manifest["specials"]))
+    x = torch.cat([store.acts(SITE, i) for i in range(store.n_shards)])[torch.from_numpy(mask)].float()
+    scale = float((x.shape[1] / x.pow(2).sum(1).mean()).sqrt())
+    x = (x * scale).contiguous()
+    save_file({"x": x}, str(work / "train.safetensors"))
+    meta = {"scale": scale, "rows": len(x), "windows": store.n_windows, "recorded_tokens": tokens}
+    meta_path.write_text(json.dumps(meta))
+    return meta
 
 
-def heldout_fvu(work: Path, name: str, k: int) -> float:
-    w = load_file(str(work / f"{name}.safetensors"))
-    x = load_file(str(work / "heldout.safetensors"))["x"]
-    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
-    vals, idx = pre.topk(k, dim=-1)
-    codes = torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
-    recon = codes @ w["W_dec"] + w["b_dec"]
-    return float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+def trainer_command(lib: str) -> list[str]:
+    py = sys.executable if lib.startswith("unitscope") else str(peer_python(lib))
+    script = "unitscope_train.py" if lib.startswith("unitscope") else f"{lib}_train.py"
+    return [py, str(HERE / "peers" / script)]
+
+
+def run_trainer(lib: str, spec: dict, work: Path) -> dict | None:
+    """One training run in its own process (its own environment); None (and the error) if it failed."""
+    spec_path = work / f"spec-{lib}.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": str(HERE / "peers")}
+    p = subprocess.run([*trainer_command(lib), str(spec_path)], capture_output=True, text=True, env=env,
+                       cwd=HERE / "peers")
+    if p.returncode != 0:
+        print(f"  {lib} failed:\n{p.stderr[-3000:]}", flush=True)
+        return None
+    return json.loads(Path(spec["result"]).read_text())
+
+
+def throughput(args, work: Path) -> None:
+    auto = resolve_compute_dtype("auto", "cpu")
+    runs = {"unitscope": "auto", "unitscope-float32": "float32", **{p: None for p in args.peers}}
+    print(f"\n== throughput: TopK SAE 576 -> {args.units}, k = {args.k}, batch {args.batch}, {args.steps} steps, "
+          f"the first {args.warm} left out of every timer; unitscope's default compute dtype auto = "
+          f"{auto or torch.float32}; peers float32; {args.reps} interleaved repetitions", flush=True)
+    data = work / f"throughput-{args.batch * args.steps}.safetensors"
+    if not data.is_file():  # only the rows the runs use, so peak memory is the trainer's, not the data set's
+        x = load_file(str(work / "train.safetensors"))["x"][:args.batch * args.steps]
+        save_file({"x": x.contiguous()}, str(data))
+    results: dict[str, list[dict]] = {name: [] for name in runs}
+    names = list(runs)
+    for rep in range(args.reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            spec = {"data": str(data), "out": str(work / "tp" / name),
+                    "result": str(work / "tp" / f"{name}.json"), "units": args.units, "k": args.k,
+                    "batch": args.batch, "steps": args.steps, "warm": args.warm, "seed": 0, "site": SITE}
+            if runs[name]:
+                spec["compute_dtype"] = runs[name]
+            (work / "tp").mkdir(exist_ok=True)
+            r = run_trainer(name.split("-")[0], spec, work)
+            if r:
+                results[name].append(r)
+                print(f"  rep {rep} {name:<20} {r['tokens_per_s']:8.0f} tokens/s  peak RSS {r['peak_rss_mb']:6.0f} MB",
+                      flush=True)
+    med = {n: statistics.median(r["tokens_per_s"] for r in rs) for n, rs in results.items() if rs}
+    print("medians")
+    for n in names:
+        if n in med:
+            reps = ", ".join(f"{r['tokens_per_s']:.0f}" for r in results[n])
+            print(f"  {n:<20} {med[n]:8.0f} tokens/s  peak RSS {max(r['peak_rss_mb'] for r in results[n]):6.0f} MB"
+                  f"  (reps: {reps})")
+    print(f"default path (unitscope compute dtype auto = {auto or torch.float32}) vs peers (float32):")
+    for peer in args.peers:
+        print(f"ratio unitscope/{peer}: " + (f"{med['unitscope'] / med[peer]:.2f}"
+                                              if "unitscope" in med and peer in med else "n/a (a run failed)"))
+    print("float32 path (unitscope compute dtype float32) vs peers (float32):")
+    for peer in args.peers:
+        print(f"ratio unitscope-float32/{peer}: " + (f"{med['unitscope-float32'] / med[peer]:.2f}"
+                                                      if "unitscope-float32" in med and peer in med
+                                                      else "n/a (a run failed)"))
+
+
+def as_unitscope(lib: str, out: Path, k: int, scale: float):
+    """The trained SAE as a unitscope TopKSAE acting on raw activations at SITE (the data scaling folded in)."""
+    if lib == "dictionary_learning":
+        w = load_file(str(out / "weights.safetensors"))
+        sae = TopKSAE(w["W_enc"].shape[0], w["W_enc"].shape[1], k=int(w["k"].item()))
+        sae.load_state_dict({n: w[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")})
+    else:
+        sae = load_dictionary(out)  # unitscope's and SAELens' layout, or sparsify's
+    if not isinstance(sae, TopKSAE) or sae.k != k:
+        raise SystemExit(f"{lib} produced {type(sae).__name__} k={getattr(sae, 'k', None)}, not a TopK SAE with k={k}")
+    sae.fold_scaling(scale)
+    sae.metadata.update({"hook_name": SITE, "model_name": "SmolLM2-135M-Instruct", "source": lib})
+    return sae.eval()
+
+
+def quality(args, work: Path, meta: dict) -> None:
+    steps = args.quality_tokens // args.quality_batch
+    tokens = steps * args.quality_batch
+    if WIKITEXT.is_file():
+        corpus, start, where = Corpus(str(WIKITEXT)), 0, f"WikiText-2 validation ({WIKITEXT})"
+    else:
+        corpus, start = Corpus("default"), meta["windows"]
+        where = f"the default corpus windows after the {start} recorded ones (WikiText-2 not found at {WIKITEXT})"
+    print(f"\n== quality at an equal budget: TopK SAE 576 -> {args.quality_units}, k = {args.k}, batch "
+          f"{args.quality_batch}, {tokens} tokens ({steps} steps, {tokens / meta['rows']:.1f} epochs over "
+          f"{meta['rows']} recorded rows), each library's own defaults; evaluated by "
+          f"unitscope.evaluate.evaluate_fidelity on {args.eval_tokens} held-out tokens of {where}", flush=True)
+    subject = load_subject("default")
+    rows = []
+    for lib in ["unitscope", *args.peers]:
+        out = work / "quality" / lib
+        spec = {"data": str(work / "train.safetensors"), "out": str(out),
+                "result": str(work / "quality" / f"{lib}.json"), "units": args.quality_units, "k": args.k,
+                "batch": args.quality_batch, "steps": steps, "warm": 0, "seed": 0, "site": SITE}
+        (work / "quality").mkdir(exist_ok=True)
+        t0 = time.perf_counter()
+        r = run_trainer(lib, spec, work)
+        if r is None:
+            continue
+        wall = time.perf_counter() - t0
+        sae = as_unitscope(lib, out, args.k, meta["scale"])
+        probe = load_file(str(out / "probe.safetensors"))  # the library's own reconstruction of a few rows
+        with torch.no_grad():
+            ours = sae.reconstruct(probe["x"] / meta["scale"])[1] * meta["scale"]
+        gap = float((ours - probe["recon"]).abs().max() / probe["recon"].pow(2).mean().sqrt())
+        ev = evaluate_fidelity(subject, sae, corpus, CTX, start_window=start, n_tokens=args.eval_tokens,
+                               progress=False)["eval_result_metrics"]
+        row = {"lib": lib, "fvu": ev["reconstruction_quality"]["fvu"],
+               "ce": ev["model_performance_preservation"]["ce_loss_score"],
+               "kl": ev["model_behavior_preservation"]["kl_div_with_sae"], "l0": ev["sparsity"]["l0"],
+               "dead": ev["misc"]["frac_dead_units"], "train_s": r["seconds"], "wall_s": wall,
+               "rss": r["peak_rss_mb"], "gap": gap}
+        rows.append(row)
+        print(f"  {lib:<20} trained in {r['seconds']:.0f} s (steps only; {wall:.0f} s with start-up)  "
+              f"FVU {row['fvu']:.4f}  CE loss recovered {row['ce']:.4f}  (as a unitscope TopKSAE it reconstructs "
+              f"as {lib} itself does to {gap:.1e} of the rms{'' if gap < 1e-3 else ': CONVERSION MISMATCH'})",
+              flush=True)
+    print(f"\n{'library':<20} {'FVU':>7} {'CE loss rec.':>12} {'KL':>7} {'L0':>6} {'dead':>6} {'train s':>8} "
+          f"{'peak RSS MB':>11}")
+    for row in rows:
+        print(f"{row['lib']:<20} {row['fvu']:7.4f} {row['ce']:12.4f} {row['kl']:7.4f} {row['l0']:6.1f} "
+              f"{row['dead']:6.3f} {row['train_s']:8.0f} {row['rss']:11.0f}")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default="/tmp/unitscope-train-bench")
-    ap.add_argument("--tokens", type=int, default=131072, help="training rows recorded")
-    ap.add_argument("--units", type=int, default=9216)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny budgets, for development (not a measurement)")
+    ap.add_argument("--work", default=None, help="cache of recorded data and results (default /tmp/...)")
+    ap.add_argument("--record-tokens", type=int, default=262144, help="tokens recorded for training")
+    ap.add_argument("--units", type=int, default=9216, help="throughput: SAE width")
+    ap.add_argument("--batch", type=int, default=4096, help="throughput: batch size")
+    ap.add_argument("--steps", type=int, default=10, help="throughput: steps per run, warm-up included")
+    ap.add_argument("--warm", type=int, default=2, help="throughput: warm-up steps left out of every timer")
+    ap.add_argument("--reps", type=int, default=3, help="throughput: interleaved repetitions")
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--lr", type=float, default=7e-4)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--envs", default="/opt")
+    ap.add_argument("--quality-units", type=int, default=4608, help="quality: SAE width (the default run's)")
+    ap.add_argument("--quality-batch", type=int, default=2048, help="quality: batch size (unitscope's default)")
+    ap.add_argument("--quality-tokens", type=int, default=2_097_152, help="quality: training tokens per library")
+    ap.add_argument("--eval-tokens", type=int, default=8192, help="quality: held-out tokens evaluated")
+    ap.add_argument("--skip", action="append", default=[], choices=["throughput", "quality"])
+    ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers to compare (default: all)")
     args = ap.parse_args()
-    work = Path(args.work)
+    args.peers = [p for p in args.peers.split(",") if p]
+    unknown = set(args.peers) - set(PEERS)
+    if unknown:
+        ap.error(f"unknown peers {sorted(unknown)}; known: {', '.join(PEERS)}")
+    if args.quick:
+        args.record_tokens, args.units, args.batch, args.steps, args.warm, args.reps = 16384, 1024, 512, 4, 1, 1
+        args.quality_units, args.quality_batch, args.quality_tokens, args.eval_tokens = 512, 512, 4096, 512
+    work = Path(args.work or f"/tmp/unitscope-train-bench{'-quick' if args.quick else ''}") / f"r{args.record_tokens}"
     work.mkdir(parents=True, exist_ok=True)
-    prepare(work, args.tokens, 8192)
-
-    trainers = {"unitscope": [sys.executable, str(HERE / "peers" / "unitscope_train.py")],
-                "unitscope-bfloat16": [sys.executable, str(HERE / "peers" / "unitscope_train.py")]}
-    for peer in ("sparsify", "saelens", "dictionary_learning"):
-        py = Path(args.envs) / f"venv-{peer}" / "bin" / "python"
-        if py.is_file():
-            trainers[peer] = [str(py), str(HERE / "peers" / f"{peer}_train.py")]
-        else:
-            print(f"peer {peer}: no environment at {py.parent.parent}; left out")
-    common = [str(work), str(args.units), str(args.k), str(args.batch), str(args.steps), str(args.lr)]
-    results: dict[str, list[dict]] = {t: [] for t in trainers}
-    print(f"TopK SAE {576}->{args.units}, k={args.k}, batch {args.batch}, {args.steps} steps "
-          f"({args.steps * args.batch} tokens), fp32 unless named, torch threads {torch.get_num_threads()}")
-    for rep in range(args.reps):
-        for name, cmd in trainers.items():
-            extra = ["bfloat16"] if name == "unitscope-bfloat16" else []
-            p = subprocess.run([*cmd, *common, *extra], capture_output=True, text=True, cwd=HERE / "peers",
-                               env={"PYTHONPATH": str(HERE / "peers"), "PATH": "/usr/bin:/bin"})
-            if p.returncode != 0:
-                print(f"{name} failed (rep {rep}):\n{p.stderr[-2000:]}")
-                continue
-            r = json.loads((work / f"{name}.json").read_text())
-            r["fvu"] = heldout_fvu(work, name, args.k)
-            results[name].append(r)
-            print(f"  rep {rep} {name:<20} {r['tokens_per_s']:8.0f} tokens/s  fvu {r['fvu']:.4f}", flush=True)
-    med = {}
-    print("\nmedians")
-    for name, rs in results.items():
-        if not rs:
-            continue
-        med[name] = statistics.median(r["tokens_per_s"] for r in rs)
-        print(f"  {name:<20} {med[name]:8.0f} tokens/s  peak RSS {max(r['peak_rss_mb'] for r in rs):7.0f} MB  "
-              f"held-out FVU {statistics.median(r['fvu'] for r in rs):.4f}")
-    for peer in ("sparsify", "saelens", "dictionary_learning"):
-        if peer in med and "unitscope" in med:
-            print(f"ratio unitscope/{peer}: {med['unitscope'] / med[peer]:.2f}")
-            if "unitscope-bfloat16" in med:
-                print(f"ratio unitscope-bfloat16/{peer}: {med['unitscope-bfloat16'] / med[peer]:.2f}")
+    print(f"command: python benchmarks/train_throughput.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(f"machine: {machine()}", flush=True)
+    t0 = time.perf_counter()
+    for peer in args.peers:
+        print(f"peer {peer}: {' '.join(PEERS[peer])} in {peer_python(peer).parent.parent}", flush=True)
+    print(f"peer environments ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    t0 = time.perf_counter()
+    meta = prepare(work, args.record_tokens)
+    print(f"data: {meta['rows']} training rows of {SITE} from {meta['windows']} windows of the default corpus "
+          f"(ready in {time.perf_counter() - t0:.0f} s; cached in {work})", flush=True)
+    if "throughput" not in args.skip:
+        throughput(args, work)
+    if "quality" not in args.skip:
+        quality(args, work, meta)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,19 @@
-"""Shared by the peer trainers: load the activation file, time a loop, write results as JSON + safetensors.
+"""One harness for every trainer (unitscope and each peer, each in its own environment), so all do the same work.
 
-Each peer script trains a TopK SAE (d_in -> n, k) with its own library's training step and Adam, on the
-same pre-normalised activations, in the same batch order, and saves encoder/decoder weights so that the
-driver scores every trainer's held-out FVU with one formula.
+A trainer script defines `build(x, spec) -> (step, save, reconstruct)` (x: all training rows): `step(i, xb)` is
+one optimiser step of the library's own training loop on batch `xb`, `save(out)` writes the trained weights in the
+library's own file layout, and `reconstruct(xb)` is the library's own inference on what it saved (written for a
+few probe rows, so the benchmark can check its conversion to unitscope against the library itself).
+
+The harness feeds every trainer the same batches in the same order (a fixed permutation per epoch of one activation
+file), fetches each batch *outside* the timer, times only the `step` calls, and leaves the first `warm` steps out
+of the timing for every trainer alike.
+
+    python <library>_train.py SPEC.json      # spec: data, out, result, units, k, batch, steps, warm, seed, ...
 """
 
 import json
+import os
 import resource
 import sys
 import time
@@ -15,44 +23,49 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def setup():
-    work, n_units, k, batch, steps, lr = sys.argv[1], *map(int, sys.argv[2:6]), float(sys.argv[6])
-    torch.manual_seed(0)
-    x = load_file(str(Path(work) / "train.safetensors"))["x"]
-    return Path(work), x, n_units, k, batch, steps, lr
-
-
-def batches(x, batch, steps):
-    g = torch.Generator().manual_seed(0)
-    for s in range(steps):
-        if s % (len(x) // batch) == 0:
-            perm = torch.randperm(len(x), generator=g)
-        i = s % (len(x) // batch)
+def batches(x, batch, steps, seed=0, start=0):
+    """`steps` batches of rows of x: a fresh seeded permutation each epoch, identical for every trainer."""
+    per_epoch = len(x) // batch
+    perm, epoch = None, -1
+    for s in range(start, steps):
+        if s // per_epoch != epoch:
+            epoch = s // per_epoch
+            perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        i = s % per_epoch
         yield x[perm[i * batch:(i + 1) * batch]]
 
 
-def finish(work: Path, name: str, seconds: float, tokens: int, weights: dict, warm_steps: int = 0):
-    save_file({k: v.detach().float().contiguous() for k, v in weights.items()}, str(work / f"{name}.safetensors"))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    try:  # VmHWM is this process's own high-water mark (ru_maxrss can carry the parent's over a spawn)
-        hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0]
-        peak = int(hwm.split()[1]) / 1024
-    except (OSError, IndexError):
-        pass
-    (work / f"{name}.json").write_text(json.dumps({"seconds": seconds, "tokens": tokens,
-                                                   "tokens_per_s": tokens / seconds, "peak_rss_mb": peak}))
+def peak_rss_mb():
+    """This process's own memory high-water mark (VmHWM; ru_maxrss can carry a parent's over a spawn)."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class Timer:
-    """Times steps after the first `warm` ones (allocation and first-call costs are not throughput)."""
-
-    def __init__(self, warm=2):
-        self.warm, self.n, self.t0 = warm, 0, None
-
-    def step(self):
-        self.n += 1
-        if self.n == self.warm:
-            self.t0 = time.perf_counter()
-
-    def seconds(self):
-        return time.perf_counter() - self.t0
+def main(build):
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    torch.manual_seed(spec["seed"])
+    x = load_file(spec["data"])["x"]
+    step, save, reconstruct = build(x, spec)
+    warm, timed, times = spec["warm"], 0.0, []
+    for i, xb in enumerate(batches(x, spec["batch"], spec["steps"], spec["seed"])):
+        t0 = time.perf_counter()
+        step(i, xb)
+        dt = time.perf_counter() - t0
+        if i >= warm:
+            timed += dt
+            times.append(dt)
+    save(Path(spec["out"]))
+    probe = x[:256]
+    with torch.no_grad():
+        save_file({"x": probe.contiguous(), "recon": reconstruct(probe).float().contiguous()},
+                  str(Path(spec["out"]) / "probe.safetensors"))
+    n_timed = spec["steps"] - warm
+    result = {"seconds": timed, "timed_steps": n_timed, "tokens": n_timed * spec["batch"],
+              "tokens_per_s": n_timed * spec["batch"] / max(timed, 1e-9), "peak_rss_mb": peak_rss_mb(),
+              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    tmp = spec["result"] + ".tmp"
+    Path(tmp).write_text(json.dumps(result))
+    os.replace(tmp, spec["result"])
