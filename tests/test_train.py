@@ -213,21 +213,24 @@ def test_a_sweep_killed_between_members_resumes_to_the_uninterrupted_weights(sma
     assert not list(tmp_path.glob("killed/.*checkpoint*"))
 
 
-@pytest.mark.parametrize("arch", ["standard", "jumprelu", "batchtopk", "topk", "matryoshka_topk"])
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "batchtopk", "topk", "matryoshka_topk", "transcoder",
+                                  "skip_transcoder", "topk_transcoder"])
 def test_train_json_records_the_compute_dtype_that_ran(small_store, tmp_path, arch):
     """Asked for bfloat16, a kind whose training forward gives the same numbers as in float32 did not use it:
     train.json must say what ran, found here by running one forward both ways."""
     from unitscope.dictionaries.train import build_dictionary
 
+    site = "blocks.1.resid_post"
     cfg = _cfg(architecture=arch, compute_dtype="bfloat16", train_tokens=256 * 2)
-    x = small_store.acts("blocks.1.resid_post", 0)[:256].float()
-    sae = build_dictionary(cfg, x.shape[1], {})
+    x = small_store.acts(site, 0)[:256].float()
+    sae = build_dictionary(cfg, x.shape[1], {}, x.shape[1])
     a = sae.training_forward(x, compute_dtype=None).loss
     b = sae.training_forward(x, compute_dtype=torch.bfloat16).loss
     ran = "float32" if torch.equal(a, b) else "bfloat16"
-    Trainer(small_store, "blocks.1.resid_post", cfg, tmp_path / "d", progress=False).run()
+    target = site if "transcoder" in arch else None  # a transcoder from a site to itself: enough to train
+    Trainer(small_store, site, cfg, tmp_path / "d", progress=False, target_site=target).run()
     assert json.loads((tmp_path / "d" / "train.json").read_text())["compute_dtype"] == ran
-    assert ran == ("float32" if arch in ("standard", "jumprelu") else "bfloat16")
+    assert ran == ("bfloat16" if "topk" in arch else "float32")
 
 
 def test_the_logged_fvu_of_a_matryoshka_sae_is_the_whole_dictionary_fvu(small_store, tmp_path):
