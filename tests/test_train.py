@@ -254,3 +254,23 @@ def test_the_logged_fvu_of_a_matryoshka_sae_is_the_whole_dictionary_fvu(small_st
     assert t.log[-1]["step"] == 20
     assert abs(t.log[-1]["fvu"] - whole) < 2e-5
     assert t.log[-1]["loss"] > whole + 0.01  # what is minimised (the prefix mean) is logged apart
+
+
+def test_a_checkpoint_in_the_former_single_slot_layout_still_resumes(small_store, tmp_path):
+    """Checkpoints written before the two-slot layout (state.json + state.safetensors) resume at their step."""
+    t = Trainer(small_store, "blocks.1.resid_post", _cfg(), tmp_path / "o", progress=False)
+    t.begin()
+    batches = t._batches(0)
+    for _ in range(10):
+        t.train_step(*next(batches))
+    d = tmp_path / ".o.checkpoint"
+    (d / "000000010.json").replace(d / "state.json")
+    (d / "000000010.safetensors").replace(d / "state.safetensors")
+    r = Trainer(small_store, "blocks.1.resid_post", _cfg(), tmp_path / "o", progress=False)
+    r.begin()
+    assert r.step == 10 and all(torch.equal(a, b) for a, b in zip(r.sae.state_dict().values(),
+                                                                   t.sae.state_dict().values()))
+    r.train_step(*next(r._batches(r.step)))  # the next checkpoint replaces the old layout
+    for _ in range(9):
+        r.train_step(*next(r._batches(r.step)))
+    assert sorted(p.name for p in d.iterdir()) == ["000000020.json", "000000020.safetensors", "state.json"]
