@@ -205,8 +205,7 @@ class Trainer:
         _fsync(d)
         for old in self.checkpoint_steps()[:-keep]:
             self._remove_checkpoint(old)
-        for legacy in (d / "state.safetensors",):
-            legacy.unlink(missing_ok=True)
+        (d / "state.safetensors").unlink(missing_ok=True)  # the former single-slot layout, now superseded
 
     def _remove_checkpoint(self, step: int) -> None:
         js, st_path = self._ckpt_files(step)
