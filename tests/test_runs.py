@@ -34,9 +34,11 @@ def test_every_option_of_run_is_recorded_and_owned_by_a_stage():
         assert _config(**{flag: value})[flag.replace("-", "_")] == value
 
 
-def _stages(run, calls, fail_at=None):
+def _stages(run, calls, fail_at=None, fresh=None):
     for name in STAGES:
         def fn(name=name):
+            if fresh is not None:
+                fresh[name] = run.fresh
             if name == fail_at:
                 raise KeyboardInterrupt  # a kill in the middle of this stage
             calls.append(name)
@@ -67,15 +69,19 @@ def test_changing_an_option_of_a_finished_stage_is_refused_unless_that_stage_is_
 def test_a_stage_killed_while_redone_leaves_the_later_ones_stale_not_done(tmp_path):
     calls = []
     _stages(Run(tmp_path, _config(), []), calls)
+    fresh = {}
     with pytest.raises(KeyboardInterrupt):
-        _stages(Run(tmp_path, _config(units=256), ["train"]), [], fail_at="train")
+        _stages(Run(tmp_path, _config(units=256), ["train"]), [], fail_at="train", fresh=fresh)
+    assert fresh == {"train": True}  # a redone stage starts from nothing
     state = json.loads((tmp_path / "run.json").read_text())
     assert state["stages"]["train"]["status"] == "running"
     assert {state["stages"][s]["status"] for s in ("eval", "explain", "report")} == {"stale"}
     # rerun without --overwrite: train resumes and every stage after it is redone, none skipped as "done"
     calls.clear()
-    _stages(Run(tmp_path, _config(units=256), []), calls)
+    _stages(Run(tmp_path, _config(units=256), []), calls, fresh=fresh)
     assert calls == ["train", "eval", "explain", "report"]
+    # the interrupted train resumes (its checkpoint); the stale stages after it start from nothing
+    assert fresh == {"train": False, "eval": True, "explain": True, "report": True}
     state = json.loads((tmp_path / "run.json").read_text())
     assert all(state["stages"][s]["status"] == "done" for s in STAGES)
     assert state["stages"]["train"]["options"]["units"] == 256

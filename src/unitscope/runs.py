@@ -11,7 +11,6 @@ it stale, so run.json never calls a result done that was computed from inputs th
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,6 +59,7 @@ class Run:
         if "all" in overwrite:
             first = 0
         self.redo = set(STAGES[first:]) if first is not None else set()
+        self.fresh = False
         if self.root.exists() and not self.root.is_dir():
             raise UnitscopeError(f"run directory {str(self.root)!r} is an existing file; choose another --name")
         if self.path.is_file():
@@ -102,20 +102,16 @@ class Run:
     def done(self, stage: str) -> bool:
         return self.status(stage) == "done" and stage not in self.redo
 
-    def stage(self, name: str, fn: Callable[[], dict[str, Any] | None], clear: list[Path] | None = None,
-              log: Callable[[str], None] = print) -> bool:
+    def stage(self, name: str, fn: Callable[[], dict[str, Any] | None], log: Callable[[str], None] = print) -> bool:
         """Run `fn` unless the stage is already done; returns whether it ran.
 
-        A stage that is redone or stale starts from nothing (`clear`); one that was interrupted resumes."""
+        While `fn` runs, `self.fresh` says whether the stage must start from nothing (it is redone, or stale)
+        rather than resume an interrupted attempt. Nothing is deleted beforehand: every stage's writer replaces
+        its output whole, so the old copy stays valid until the new one is complete."""
         if self.done(name):
             log(f"[{name}] already done, skipping (use --overwrite {name} to redo)")
             return False
-        if name in self.redo or self.status(name) == "stale":
-            for p in clear or []:
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                elif p.exists():
-                    p.unlink()
+        self.fresh = name in self.redo or self.status(name) == "stale"
         log(f"[{name}] running")
         self.state["stages"][name] = {"status": "running", "started": time.time()}
         for later in STAGES[STAGES.index(name) + 1:]:

@@ -22,7 +22,8 @@ def run(args: argparse.Namespace) -> int:
     state_path = root / "run.json"
     if not state_path.is_file():
         raise UnitscopeError(f"{str(root)!r} is not a run directory: it has no run.json")
-    explain = sorted(p.parent for p in (root / "explain").glob("*/units.parquet"))  # one report per dictionary
+    # one report per dictionary; hidden folders are a writer's temporary or previous copies
+    explain = sorted(p.parent for p in (root / "explain").glob("*/units.parquet") if not p.parent.name.startswith("."))
     if not explain:
         raise UnitscopeError(f"run {str(root)!r} has no explanation tables yet; run `unitscope explain` first")
     try:

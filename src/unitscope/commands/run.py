@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     def do_record():
         st = record(subject, corpus, sites, args.tokens, store_dir, ctx_len=args.ctx_len,
                     batch_size=args.record_batch_size, shard_tokens=args.shard_tokens, progress=progress,
-                    overwrite="record" in run.redo)
+                    overwrite=run.fresh)
         return {"tokens": st.n_tokens, "shards": st.n_shards}
 
     def do_train():
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
                                seed=cfg.seed).save(dict_dir)
         else:
             train(store_dir, sites[0] if "transcoder" not in cfg.architecture else None, cfg, dict_dir,
-                  progress=progress, overwrite="train" in run.redo)
+                  progress=progress, overwrite=run.fresh)
         return {"dictionary": str(dict_dir.relative_to(root))}
 
     def do_eval():
@@ -106,10 +106,8 @@ def run(args: argparse.Namespace) -> int:
                              eval_json=eval_path, info={"model": subject.name, "site": sites[0], "run": str(root)})
         return {"index": str(index)}
 
-    run.stage("record", do_record, clear=[store_dir])
-    run.stage("train", do_train, clear=[dict_dir])
-    run.stage("eval", do_eval, clear=[eval_path.parent])
-    run.stage("explain", do_explain, clear=[explain_dir])
-    run.stage("report", do_report, clear=[report_dir / did])
+    for name, fn in (("record", do_record), ("train", do_train), ("eval", do_eval), ("explain", do_explain),
+                     ("report", do_report)):
+        run.stage(name, fn)
     print(f"report: {(report_dir / did / 'index.html').resolve()}")
     return 0
