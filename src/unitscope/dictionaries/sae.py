@@ -335,8 +335,9 @@ class JumpReLUSAE(SparseAutoencoder):
 
 @register("batchtopk")
 class BatchTopKSAE(TopKSAE):
-    """BatchTopK (Bussmann et al. 2024): the k*B largest activations over the whole batch. At inference a
-    single learned threshold replaces the batch, so it is saved as a `jumprelu` SAE, as SAELens does."""
+    """BatchTopK (Bussmann et al. 2024): the k*B largest activations over the whole batch, trained with the sparse
+    kernels and AuxK like TopK. At inference a single learned threshold replaces the batch, so it is saved as a
+    `jumprelu` SAE, as SAELens does."""
 
     def __init__(self, d_in: int, n_units: int, k: int = 32, threshold_lr: float = 0.01, **kw: Any):
         super().__init__(d_in, n_units, k=k, **kw)
@@ -349,7 +350,7 @@ class BatchTopKSAE(TopKSAE):
     def select_top(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The k*B largest positive pre-activations of the batch, as (idx[B, m], mask): each row's picks padded
         to the row with most. They are found among each row's top M candidates (M doubles until no row has
-        all its candidates picked, which proves no pick lies beyond them): ~3x faster than a topk over B*n."""
+        all its candidates picked, which proves no pick lies beyond them), cheaper than a topk over all B*n."""
         b, n = pre.shape
         n_keep = min(self.k * b, pre.numel())
         width = min(n, 4 * self.k)
