@@ -118,3 +118,26 @@ def test_a_kill_at_any_step_of_a_save_leaves_the_old_or_the_new_dictionary(tmp_p
     for s in snaps:  # a save over any interrupted state works and leaves only the new copy
         sae(3).save(s / "d")
         assert which(s / "d") == [3] and sorted(p.name for p in s.iterdir()) == ["d"]
+
+
+def test_a_save_that_fails_midway_puts_the_old_dictionary_back(tmp_path, monkeypatch):
+    import os
+
+    old = TopKSAE(4, 8, k=2, metadata={"hook_name": "s"})
+    old.save(tmp_path / "d")
+    before = load_dictionary(tmp_path / "d").weights()
+    real = os.replace
+
+    def fails_to_move_the_new_copy_in(src, dst):
+        if str(src).endswith(".d.new"):
+            raise OSError("disk trouble")
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", fails_to_move_the_new_copy_in)
+    new = TopKSAE(4, 8, k=2, metadata={"hook_name": "s"})
+    with pytest.raises(OSError, match="disk trouble"):
+        new.save(tmp_path / "d")
+    monkeypatch.undo()
+    assert (tmp_path / "d" / "cfg.json").is_file() and not (tmp_path / ".d.old").exists()
+    after = load_dictionary(tmp_path / "d").weights()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not all(torch.equal(new.weights()[k], after[k]) for k in before)

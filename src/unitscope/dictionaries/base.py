@@ -187,7 +187,12 @@ def replace_dir(path: Path, write: Callable[[Path], None]) -> None:
     _fsync(new)
     if path.exists():
         os.replace(path, old)
-    os.replace(new, path)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        if old.exists() and not path.exists():  # a failure (not a kill) here puts the old copy straight back
+            os.replace(old, path)
+        raise
     _fsync(path.parent)
     if old.exists():
         shutil.rmtree(old)
