@@ -65,13 +65,16 @@ def test_weights_file_missing_a_tensor(tmp_path):
         load_dictionary(tmp_path / "d")
 
 
-def test_a_kill_at_any_step_of_a_save_leaves_the_old_or_the_new_dictionary(tmp_path, monkeypatch):
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_kill_at_any_step_of_a_save_leaves_the_old_or_the_new_dictionary(tmp_path, monkeypatch, exchange):
     """Copy the directory before every filesystem step of a replacing save (the state a kill there would leave);
-    every copy loads as the complete old or new dictionary, and a later save over it works."""
+    every copy loads as the complete old or new dictionary, and a later save over it works. Both swap paths:
+    Linux's atomic exchange, and the two renames used where it is missing."""
     import os
     import shutil
     from pathlib import Path
 
+    from unitscope import atomic
     from unitscope.dictionaries import base
 
     def sae(seed):
@@ -103,6 +106,7 @@ def test_a_kill_at_any_step_of_a_save_leaves_the_old_or_the_new_dictionary(tmp_p
     monkeypatch.setattr(shutil, "rmtree", before(shutil.rmtree))
     monkeypatch.setattr(base, "save_file", before(base.save_file))
     monkeypatch.setattr(Path, "write_text", before(Path.write_text))
+    monkeypatch.setattr(atomic, "_exchange", before(atomic._exchange if exchange else lambda a, b: False))
     sae(2).save(work / "d")
     monkeypatch.undo()
     snapshot()
@@ -120,8 +124,12 @@ def test_a_kill_at_any_step_of_a_save_leaves_the_old_or_the_new_dictionary(tmp_p
         assert which(s / "d") == [3] and sorted(p.name for p in s.iterdir()) == ["d"]
 
 
-def test_a_save_that_fails_midway_puts_the_old_dictionary_back(tmp_path, monkeypatch):
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_save_that_fails_midway_puts_the_old_dictionary_back(tmp_path, monkeypatch, exchange):
+    """Both swap paths: Linux's atomic exchange, and the two renames used where it is missing."""
     import os
+
+    from unitscope import atomic
 
     old = TopKSAE(4, 8, k=2, metadata={"hook_name": "s"})
     old.save(tmp_path / "d")
@@ -129,15 +137,23 @@ def test_a_save_that_fails_midway_puts_the_old_dictionary_back(tmp_path, monkeyp
     real = os.replace
 
     def fails_to_move_the_new_copy_in(src, dst):
-        if str(src).endswith(".d.new"):
+        if ".d.tmp-" in str(src):
             raise OSError("disk trouble")
         return real(src, dst)
-    monkeypatch.setattr(os, "replace", fails_to_move_the_new_copy_in)
+
+    def exchange_fails(a, b):
+        raise OSError("disk trouble")
+
+    if exchange:
+        monkeypatch.setattr(atomic, "_exchange", exchange_fails)
+    else:
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(os, "replace", fails_to_move_the_new_copy_in)
     new = TopKSAE(4, 8, k=2, metadata={"hook_name": "s"})
     with pytest.raises(OSError, match="disk trouble"):
         new.save(tmp_path / "d")
     monkeypatch.undo()
-    assert (tmp_path / "d" / "cfg.json").is_file() and not (tmp_path / ".d.old").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no leftovers beside it
     after = load_dictionary(tmp_path / "d").weights()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not all(torch.equal(new.weights()[k], after[k]) for k in before)

@@ -12,13 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from unitscope import Corpus, record
+from unitscope import Corpus, atomic, record
 from unitscope.corpus import training_mask
 from unitscope.dictionaries.fit import fit_from_store
 from unitscope.dictionaries.linear import Neurons
 from unitscope.dictionaries.sae import TopKSAE
 from unitscope.errors import UnitscopeError
-from unitscope.explain import atomic, logit_lens, write_tables
+from unitscope.explain import logit_lens, write_tables
 from unitscope.explain.examples import N_BINS, QUANTILES, TABLES
 
 SITE = "blocks.1.resid_post"

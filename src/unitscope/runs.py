@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_json_atomic
 from .errors import UnitscopeError
-from .store import write_json_atomic
 from .versions import versions
 
 STAGES = ("record", "train", "eval", "explain", "report")

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .atomic import write_json_atomic
 from .errors import UnitscopeError
 
 FORMAT = "unitscope.store/1"
@@ -50,34 +51,6 @@ def _valid_manifest(m: Any) -> bool:
         if not e["file"].startswith("shards/") or "/" in e["file"][7:] or ".." in e["file"]:
             return False  # a manifest never points outside its own shards/ folder
     return isinstance(m.get("corpus"), dict)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON so that a kill at any moment leaves the old file or the new one, never neither."""
-    path = Path(path)
-    if path.is_dir():
-        raise UnitscopeError(f"{str(path)!r} is a directory; give a file name for the JSON output")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def _sha256(path: Path) -> str:

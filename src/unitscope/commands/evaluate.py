@@ -28,10 +28,11 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..atomic import write_json_atomic
     from ..corpus import Corpus
     from ..dictionaries import load_dictionary
     from ..evaluate import evaluate_fidelity
-    from ..store import Store, write_json_atomic
+    from ..store import Store
 
     out = options.output_file(args.out)
     d = load_dictionary(args.dictionary)

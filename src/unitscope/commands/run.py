@@ -40,6 +40,7 @@ def run_config(args: argparse.Namespace, cfg, sites: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..atomic import write_json_atomic
     from ..corpus import Corpus
     from ..dictionaries import fit, load_dictionary
     from ..dictionaries.train import train
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from ..record import record
     from ..report import write_report
     from ..runs import Run
-    from ..store import Store, write_json_atomic
+    from ..store import Store
     from ..subject import load_subject
 
     sites = args.site or [options.DEFAULT_SITE]

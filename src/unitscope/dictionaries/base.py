@@ -7,8 +7,6 @@ and hook names) and `sae_weights.safetensors`. Never pickle: weights are safeten
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import recover, replace_dir
 from ..errors import UnitscopeError
 
 CFG = "cfg.json"
@@ -114,88 +113,14 @@ class Dictionary(nn.Module):
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write cfg.json, sae_weights.safetensors and the JSON files in `extra` (name -> object) so that a
-        kill at any moment leaves a complete old or new dictionary (see `replace_dir`)."""
+        kill at any moment leaves a complete old or new dictionary (`atomic.replace_dir`)."""
         path = Path(path)
-
-        def write(tmp: Path) -> None:
+        with replace_dir(path) as tmp:
             save_file({k: v.contiguous().cpu() for k, v in self.weights().items()}, str(tmp / WEIGHTS))
             for name, obj in (extra or {}).items():
                 (tmp / name).write_text(json.dumps(obj, indent=2))
             (tmp / CFG).write_text(json.dumps(self.config(), indent=2))
-
-        replace_dir(path, write)
         return path
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's or a directory's contents (a directory: its entries, i.e. renames) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _complete(d: Path) -> bool:
-    return (d / CFG).is_file()
-
-
-def _aside(path: Path, what: str) -> Path:
-    return path.with_name(f".{path.name}.{what}")
-
-
-def recover_dir(path: str | Path, clean: bool = False) -> Path:
-    """Finish a `replace_dir` that a kill interrupted between its steps 2 and 3 (`path` missing, `.NAME.old`
-    present): the new copy, complete and on disk by then, is renamed in (else the old one). `clean` also
-    removes leftovers beside a present `path` (saves only: a load must not remove the copy that another
-    process is still writing)."""
-    path = Path(path)
-    new, old = _aside(path, "new"), _aside(path, "old")
-    if not path.exists() and old.is_dir():
-        for cand in (new, old):
-            if cand.is_dir() and _complete(cand):
-                try:
-                    os.replace(cand, path)
-                    _fsync(path.parent)
-                except OSError:  # a read-only place: read the complete copy where it is
-                    return cand
-                break
-    if clean and path.exists():
-        for leftover in (new, old):
-            if leftover.exists():
-                shutil.rmtree(leftover)
-    return path
-
-
-def replace_dir(path: Path, write: Callable[[Path], None]) -> None:
-    """Replace the directory `path` by one that `write(tmp)` fills, with a valid copy at every instant.
-
-    1. `write` fills `.NAME.new`; every file and the directory are fsynced. 2. `path` is renamed to
-    `.NAME.old`. 3. `.NAME.new` is renamed to `path`. 4. `.NAME.old` is removed. Between 2 and 3 `path` is
-    missing but both copies are complete on disk; `recover_dir` (run by every save and load) renames the new
-    one in. Before 2 the old copy is untouched and a half-written `.NAME.new` is never used.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover_dir(path, clean=True)
-    new, old = _aside(path, "new"), _aside(path, "old")
-    if new.exists():
-        shutil.rmtree(new)
-    new.mkdir()
-    write(new)
-    for f in new.iterdir():
-        _fsync(f)
-    _fsync(new)
-    if path.exists():
-        os.replace(path, old)
-    try:
-        os.replace(new, path)
-    except BaseException:
-        if old.exists() and not path.exists():  # a failure (not a kill) here puts the old copy straight back
-            os.replace(old, path)
-        raise
-    _fsync(path.parent)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def require_weights(cfg: dict[str, Any], weights: dict[str, torch.Tensor], *keys: str) -> None:
@@ -208,7 +133,7 @@ def require_weights(cfg: dict[str, Any], weights: dict[str, torch.Tensor], *keys
 def load_dictionary(path: str | Path, device: str = "cpu") -> Dictionary:
     """Load any saved dictionary: the SAELens layout (cfg.json + sae_weights.safetensors, every kind here),
     or another library's layout registered in FORMATS (sparsify: cfg.json + sae.safetensors)."""
-    path = recover_dir(path)
+    path = recover(path)
     for recognise, load in FORMATS:
         if recognise(path):
             return load(path).to(device).eval()

@@ -23,9 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..atomic import fsync, write_json_atomic
 from ..errors import UnitscopeError
-from ..store import Store, write_json_atomic
-from .base import ARCHITECTURES, Dictionary, _fsync
+from ..store import Store
+from .base import ARCHITECTURES, Dictionary
 from .sae import SparseAutoencoder
 from .sources import LiveSource, StoreSource
 
@@ -197,12 +198,12 @@ class Trainer:
         js, st_path = d / f"{self.step:09d}.json", d / f"{self.step:09d}.safetensors"
         tmp = st_path.with_name(st_path.name + ".tmp")
         save_file(tensors, str(tmp))
-        _fsync(tmp)
+        fsync(tmp)
         os.replace(tmp, st_path)
-        _fsync(d)
+        fsync(d)
         write_json_atomic(js, state)  # the step is complete from here on
         write_json_atomic(d / "state.json", state)
-        _fsync(d)
+        fsync(d)
         for old in self.checkpoint_steps()[:-keep]:
             self._remove_checkpoint(old)
         (d / "state.safetensors").unlink(missing_ok=True)  # the former single-slot layout, now superseded

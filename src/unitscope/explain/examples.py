@@ -32,11 +32,11 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from ..atomic import replace_dir
 from ..corpus import training_mask
 from ..dictionaries import Dictionary
 from ..errors import UnitscopeError
 from ..store import Store
-from .atomic import replace_dir
 
 N_BINS = 20
 QUANTILES = (0.5, 0.9, 0.99)

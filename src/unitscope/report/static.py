@@ -5,7 +5,7 @@ Reads the Parquet tables of `explain/` and the eval JSON; opens from the file sy
 configuration reaches the pages only as escaped HTML text (`html.escape`) or, in index.html, inside the
 inline data as JSON with `<`, `>`, `&`, U+2028 and U+2029 written as \\u escapes (so no `</script>` can end
 the script), which the page inserts with `textContent`, never as markup. The whole output directory is
-written beside the target and swapped in at once (`explain.atomic.replace_dir`).
+written beside the target and swapped in at once (`atomic.replace_dir`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..explain.atomic import recover, replace_dir
+from ..atomic import recover, replace_dir
 
 SNIPPET = 16  # tokens shown either side of an example's maximum
 

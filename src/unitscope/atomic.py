@@ -1,16 +1,18 @@
-"""Replace a whole output directory so that a kill at any moment leaves the old copy or the new one.
+"""Every file unitscope writes is replaced so that a kill at any moment leaves the old copy or the new one.
 
-The new files are written into a temporary directory beside the target, fsynced, and swapped in: on
-Linux by one `renameat2(RENAME_EXCHANGE)` (atomic: the target always names a complete copy); elsewhere
-by two renames through `.NAME.old`, which `recover` (run before every read and write of the target)
-puts back if a kill fell between them. The explanation tables and the report use this, so a reader
-never sees a new `units.parquet` beside an old `examples.parquet`.
+A JSON file (`write_json_atomic`) is written beside its target, fsynced and renamed over it. A directory
+(`replace_dir`: a dictionary, the explanation tables, the report) is written into a temporary directory
+beside the target, fsynced, and swapped in: on Linux by one `renameat2(RENAME_EXCHANGE)` (atomic: the
+target always names a complete copy); elsewhere by two renames through `.NAME.old`, which `recover` (run
+before every read and write of the target) puts back if a kill fell between them. So a reader never sees
+a new `units.parquet` beside an old `examples.parquet`, or new weights beside an old cfg.json.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import shutil
 import sys
@@ -18,8 +20,9 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from ..errors import UnitscopeError
+from .errors import UnitscopeError
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -36,6 +39,26 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync(path: str | Path) -> None:
+    """Flush a file, or a directory's entries (the renames made in it), to disk."""
+    path = Path(path)
+    _fsync_path(path, directory=path.is_dir())
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON so that a kill at any moment leaves the old file or the new one, never neither."""
+    path = Path(path)
+    if path.is_dir():
+        raise UnitscopeError(f"{str(path)!r} is a directory; give a file name for the JSON output")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent, directory=True)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -80,10 +103,10 @@ def recover(path: str | Path) -> Path:
     return path
 
 
-def _check_target(path: Path, allowed: set[str]) -> None:
+def _check_target(path: Path, allowed: set[str] | None) -> None:
     if path.exists() and not path.is_dir():
         raise UnitscopeError(f"{str(path)!r} is an existing file; give a directory for this output")
-    if path.is_dir():
+    if path.is_dir() and allowed is not None:
         foreign = sorted(p.name for p in path.iterdir() if p.name not in allowed)
         if foreign:
             raise UnitscopeError(f"{str(path)!r} already holds other files ({', '.join(foreign[:3])}); "
@@ -91,12 +114,12 @@ def _check_target(path: Path, allowed: set[str]) -> None:
 
 
 @contextmanager
-def replace_dir(path: str | Path, allowed: set[str]) -> Iterator[Path]:
+def replace_dir(path: str | Path, allowed: set[str] | None = None) -> Iterator[Path]:
     """Yield an empty temporary directory; on success its contents replace `path` in one step.
 
     `allowed` names the entries this output may contain: a target holding anything else is refused in
-    one sentence rather than swapped away. On an exception the temporary directory is removed and the
-    old copy stays untouched.
+    one sentence rather than swapped away (None: the target is the output's own, e.g. a dictionary). On an
+    exception the temporary directory is removed and the old copy stays untouched.
     """
     path = recover(path)
     _check_target(path, allowed)
@@ -115,7 +138,12 @@ def replace_dir(path: str | Path, allowed: set[str]) -> Iterator[Path]:
         else:
             old = _old(path)
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                if not path.exists():  # a failure (not a kill) here puts the old copy straight back
+                    os.replace(old, path)
+                raise
             _fsync_path(path.parent, directory=True)
             shutil.rmtree(old)
         _fsync_path(path.parent, directory=True)
