@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -170,34 +171,43 @@ def quality(args, work: Path, meta: dict) -> None:
           f"unitscope.evaluate.evaluate_fidelity on {args.eval_tokens} held-out tokens of {where}", flush=True)
     subject = load_subject("default")
     rows = []
-    for lib in ["unitscope", *args.peers]:
-        out = work / "quality" / lib
-        spec = {"data": str(work / "train.safetensors"), "out": str(out),
+    libs = ["unitscope", *args.peers]
+    (work / "quality").mkdir(exist_ok=True)
+
+    def train(lib: str) -> tuple[dict | None, float]:
+        spec = {"data": str(work / "train.safetensors"), "out": str(work / "quality" / lib),
                 "result": str(work / "quality" / f"{lib}.json"), "units": args.quality_units, "k": args.k,
                 "batch": args.quality_batch, "steps": steps, "warm": 0, "seed": 0, "site": SITE}
-        (work / "quality").mkdir(exist_ok=True)
         t0 = time.perf_counter()
-        r = run_trainer(lib, spec, work)
-        if r is None:
-            continue
-        wall = time.perf_counter() - t0
-        sae = as_unitscope(lib, out, args.k, meta["scale"])
-        probe = load_file(str(out / "probe.safetensors"))  # the library's own reconstruction of a few rows
-        with torch.no_grad():
-            ours = sae.reconstruct(probe["x"] / meta["scale"])[1] * meta["scale"]
-        gap = float((ours - probe["recon"]).abs().max() / probe["recon"].pow(2).mean().sqrt())
-        ev = evaluate_fidelity(subject, sae, corpus, CTX, start_window=start, n_tokens=args.eval_tokens,
-                               progress=False)["eval_result_metrics"]
-        row = {"lib": lib, "fvu": ev["reconstruction_quality"]["fvu"],
-               "ce": ev["model_performance_preservation"]["ce_loss_score"],
-               "kl": ev["model_behavior_preservation"]["kl_div_with_sae"], "l0": ev["sparsity"]["l0"],
-               "dead": ev["misc"]["frac_dead_units"], "train_s": r["seconds"], "wall_s": wall,
-               "rss": r["peak_rss_mb"], "gap": gap}
-        rows.append(row)
-        print(f"  {lib:<20} trained in {r['seconds']:.0f} s (steps only; {wall:.0f} s with start-up)  "
-              f"FVU {row['fvu']:.4f}  CE loss recovered {row['ce']:.4f}  (as a unitscope TopKSAE it reconstructs "
-              f"as {lib} itself does to {gap:.1e} of the rms{'' if gap < 1e-3 else ': CONVERSION MISMATCH'})",
-              flush=True)
+        return run_trainer(lib, spec, work), time.perf_counter() - t0
+
+    # --quality-jobs > 1 trains several libraries at once (their seconds are then not comparable; the quality is)
+    with ThreadPoolExecutor(max_workers=args.quality_jobs) as pool:
+        futures = {lib: pool.submit(train, lib) for lib in libs}
+        for lib in libs:
+            r, wall = futures[lib].result()
+            if r is None:
+                continue
+            out = work / "quality" / lib
+            sae = as_unitscope(lib, out, args.k, meta["scale"])
+            probe = load_file(str(out / "probe.safetensors"))  # the library's own reconstruction of a few rows
+            with torch.no_grad():
+                ours = sae.reconstruct(probe["x"] / meta["scale"])[1] * meta["scale"]
+            gap = float((ours - probe["recon"]).abs().max() / probe["recon"].pow(2).mean().sqrt())
+            ev = evaluate_fidelity(subject, sae, corpus, CTX, start_window=start, n_tokens=args.eval_tokens,
+                                   progress=False)["eval_result_metrics"]
+            row = {"lib": lib, "fvu": ev["reconstruction_quality"]["fvu"],
+                   "ce": ev["model_performance_preservation"]["ce_loss_score"],
+                   "kl": ev["model_behavior_preservation"]["kl_div_with_sae"], "l0": ev["sparsity"]["l0"],
+                   "dead": ev["misc"]["frac_dead_units"], "train_s": r["seconds"], "wall_s": wall,
+                   "rss": r["peak_rss_mb"], "gap": gap}
+            rows.append(row)
+            print(f"  {lib:<20} trained in {r['seconds']:.0f} s (steps only; {wall:.0f} s with start-up)  "
+                  f"FVU {row['fvu']:.4f}  CE loss recovered {row['ce']:.4f}  (as a unitscope TopKSAE it reconstructs "
+                  f"as {lib} itself does to {gap:.1e} of the rms{'' if gap < 1e-3 else ': CONVERSION MISMATCH'})",
+                  flush=True)
+    if args.quality_jobs > 1:
+        print(f"({args.quality_jobs} libraries trained at once: the seconds below are not a speed comparison)")
     print(f"\n{'library':<20} {'FVU':>7} {'CE loss rec.':>12} {'KL':>7} {'L0':>6} {'dead':>6} {'train s':>8} "
           f"{'peak RSS MB':>11}")
     for row in rows:
@@ -220,6 +230,7 @@ def main() -> None:
     ap.add_argument("--quality-batch", type=int, default=2048, help="quality: batch size (unitscope's default)")
     ap.add_argument("--quality-tokens", type=int, default=2_097_152, help="quality: training tokens per library")
     ap.add_argument("--eval-tokens", type=int, default=8192, help="quality: held-out tokens evaluated")
+    ap.add_argument("--quality-jobs", type=int, default=1, help="quality: libraries trained at once (default 1)")
     ap.add_argument("--skip", action="append", default=[], choices=["throughput", "quality"])
     ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers to compare (default: all)")
     args = ap.parse_args()

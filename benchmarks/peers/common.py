@@ -17,10 +17,12 @@ import os
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 
 def batches(x, batch, steps, seed=0, start=0):
@@ -35,6 +37,20 @@ def batches(x, batch, steps, seed=0, start=0):
         yield x[perm[i * batch:(i + 1) * batch]]
 
 
+def load_rows(path):
+    """The `x` tensor of a safetensors file, memory-mapped: concurrent trainers share one page-cached copy."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        info = json.loads(f.read(n))["x"]
+    if info["dtype"] != "F32":
+        raise SystemExit(f"{path}: expected float32 rows, found {info['dtype']}")
+    rows = np.memmap(path, dtype=np.float32, mode="r", offset=8 + n + info["data_offsets"][0],
+                     shape=tuple(info["shape"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # read-only memory: every use below copies (gathers) rows first
+        return torch.from_numpy(rows)
+
+
 def peak_rss_mb():
     """This process's own memory high-water mark (VmHWM; ru_maxrss can carry a parent's over a spawn)."""
     try:
@@ -47,7 +63,7 @@ def peak_rss_mb():
 def main(build):
     spec = json.loads(Path(sys.argv[1]).read_text())
     torch.manual_seed(spec["seed"])
-    x = load_file(spec["data"])["x"]
+    x = load_rows(spec["data"])
     step, save, reconstruct = build(x, spec)
     warm, timed, times = spec["warm"], 0.0, []
     for i, xb in enumerate(batches(x, spec["batch"], spec["steps"], spec["seed"])):
