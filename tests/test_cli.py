@@ -359,3 +359,57 @@ def test_verify_names_a_corrupt_shard_and_resume_refuses_it(text_store, tiny_mod
     _fails(run_cli("record", "--model", tiny_model_dir, "--site", "blocks.1.resid_post", "--corpus", corpus,
                    "--tokens", "2048", "--ctx-len", "32", "--shard-tokens", "256", "--out", store),
            "000002.safetensors", "checksum")
+
+
+def test_a_dictionary_is_not_evaluated_or_explained_on_another_models_store(cli_dictionary, other_model_dir,
+                                                                            tmp_path):
+    other = tmp_path / "other-store"
+    p = run_cli("record", "--model", other_model_dir, "--site", "blocks.1.resid_post", "--tokens", "512",
+                "--ctx-len", "32", "--out", other, "--quiet")
+    assert p.returncode == 0, p.stderr
+    for cmd, out in (("eval", tmp_path / "e.json"), ("explain", tmp_path / "x")):
+        _fails(run_cli(cmd, "--dictionary", cli_dictionary, "--store", other, "--out", out),
+               "the dictionary was trained on model", "recorded from")
+        assert not out.exists()
+
+
+def test_held_out_windows_never_fall_inside_the_dictionarys_training_windows(cli_dictionary, tiny_model_dir,
+                                                                             tmp_path):
+    """cli_dictionary saw the first 94 windows; a shorter store of the same text would put eval inside them."""
+    short = tmp_path / "short"
+    p = run_cli("record", "--model", tiny_model_dir, "--site", "blocks.1.resid_post", "--tokens", "1000",
+                "--ctx-len", "32", "--out", short, "--quiet")
+    assert p.returncode == 0, p.stderr
+    _fails(run_cli("eval", "--dictionary", cli_dictionary, "--store", short, "--out", tmp_path / "e.json"),
+           "trained on the first 94 windows", "holds only 32")
+    # on its own training text given as a corpus, evaluation starts after the windows it was trained on
+    p = run_cli("eval", "--dictionary", cli_dictionary, "--corpus", "default", "--eval-tokens", "128",
+                "--out", tmp_path / "e.json", "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "e.json").read_text())["eval_config"]["start_window"] == 94
+    assert "training text" in p.stderr
+    _fails(run_cli("eval", "--dictionary", cli_dictionary, "--store", short, "--ctx-len", "16", "--out",
+                   tmp_path / "e.json"), "--ctx-len applies to --corpus only")
+
+
+def test_run_refuses_a_model_that_changed_under_its_store(tiny_model_dir, other_model_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    args = ["run", "--model", model, "--runs-dir", tmp_path, "--site", "blocks.1.resid_post", "--tokens", "1024",
+            "--ctx-len", "32", "--units", "32", "--k", "4", "--batch-size", "128", "--train-tokens", "256",
+            "--eval-tokens", "128", "--quiet"]
+    assert run_cli(*args).returncode == 0
+    shutil.rmtree(model)
+    shutil.copytree(other_model_dir, model)  # same path, same shapes, other weights
+    before = (tmp_path / "default" / "evals" / "topk-32-k4" / "core.json").read_text()
+    _fails(run_cli(*args, "--overwrite", "eval"), "is not the model", "weights differ")
+    assert (tmp_path / "default" / "evals" / "topk-32-k4" / "core.json").read_text() == before
+
+
+def test_report_refuses_stale_tables(tmp_path):
+    run = tmp_path / "r"
+    (run / "explain" / "topk-8-k2").mkdir(parents=True)
+    (run / "explain" / "topk-8-k2" / "units.parquet").write_bytes(b"")
+    (run / "run.json").write_text(json.dumps({"config": {}, "stages": {"explain": {"status": "stale"}}}))
+    _fails(run_cli("report", run), "explain stage", "is stale")
+    assert not (run / "report").exists()

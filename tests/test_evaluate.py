@@ -74,24 +74,31 @@ def test_bad_evaluation_sizes_and_non_finite_dictionaries(llama_subject):
 
 
 def test_held_out_windows_are_disjoint_from_the_recorded_ones(tmp_path, llama_subject):
-    """The evaluator sees exactly the stream windows after the store's, none of which is a recorded one."""
+    """Against the token stream packed by hand (documents in corpus order, each after one separator token): the
+    store holds its first tokens and the evaluator sees exactly the windows that follow, none overlapping."""
     from unitscope import record
 
-    corpus = Corpus("default")
-    store = record(llama_subject, corpus, [SITE], 1000, tmp_path / "s", ctx_len=16, shard_tokens=160, progress=False)
+    text = tmp_path / "notes.txt"
+    text.write_text("\n\n".join(f"Entry {i}: the {['red', 'blue', 'green'][i % 3]} kite flew {i * 3 % 17} metres."
+                                 for i in range(600)))
+    corpus, ctx = Corpus(str(text)), 16
+    store = record(llama_subject, corpus, [SITE], 1000, tmp_path / "s", ctx_len=ctx, shard_tokens=160, progress=False)
+    tok = llama_subject.tokenizer
+    stream = []
+    for doc in corpus.documents():
+        stream += [tok.bos_token_id] + tok(doc, add_special_tokens=False)["input_ids"]
     seen = []
     handle = llama_subject.model.register_forward_pre_hook(
         lambda _m, _a, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
     try:
         d = Neurons(32, metadata={"hook_name": SITE})
-        r = evaluate_fidelity(llama_subject, d, corpus, 16, start_window=store.n_windows, n_tokens=160,
+        r = evaluate_fidelity(llama_subject, d, corpus, ctx, start_window=store.n_windows, n_tokens=160,
                               batch_size=4, progress=False)
     finally:
         handle.remove()
-    evaluated = {tuple(row.tolist()) for ids in seen for row in ids if len(row) == 16}  # not the width probe
-    stream = [w.tokens for _, w in zip(range(store.n_windows + 10), corpus.windows(llama_subject.tokenizer, 16))]
-    recorded = np.concatenate(stream[:store.n_windows])[:store.n_tokens]
-    assert np.array_equal(recorded, store.column("tokens"))  # the store is the stream's first windows
-    assert evaluated == {tuple(w.tolist()) for w in stream[store.n_windows:]}  # eval: exactly the next ones
-    assert not evaluated & {tuple(w.tolist()) for w in stream[:store.n_windows]}
+    assert store.column("tokens").tolist() == stream[:store.n_tokens]
+    evaluated = [row.tolist() for ids in seen for row in ids if len(row) == ctx]  # not the width probe
+    offsets = [next(o for o in range(0, len(stream) - ctx + 1, ctx) if stream[o:o + ctx] == w) for w in evaluated]
+    assert sorted(set(offsets)) == [store.n_windows * ctx + i * ctx for i in range(10)]  # 4 forwards each
+    assert min(offsets) >= store.n_windows * ctx >= store.n_tokens  # past every recorded token
     assert r["eval_config"]["start_window"] == store.n_windows == 63

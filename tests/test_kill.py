@@ -94,13 +94,18 @@ def test_explain_killed_at_several_points_leaves_old_or_new_tables_then_finishes
     out = tmp_path / "killed"
     rng = random.Random(7)
     landed = 0
-    for _ in range(4):
+    for i in range(5):
         proc = _popen([*explain, "--out", out])
-        landed += _kill_when(proc, lambda: True, rng.uniform(0.3, 0.95) * took)
+        if i < 2:  # while this process writes the tables into its temporary folder
+            def writing(pid=proc.pid):
+                return any(tmp_path.glob(f".killed.tmp-{pid}-*"))
+            landed += _kill_when(proc, writing, 0.0) and writing()
+        else:  # anywhere in the run
+            landed += _kill_when(proc, lambda: True, rng.uniform(0.3, 0.95) * took)
         present = [n for n in ("units", "examples") if (out / f"{n}.parquet").exists()]
         assert present in ([], ["units", "examples"])  # never one table without the other
         for n in present:
             assert pq.read_table(out / f"{n}.parquet").to_pylist() == ref[n]  # never a partial table
-    assert landed >= 2
+    assert landed >= 3
     assert run_cli(*explain, "--out", out).returncode == 0
     assert {n: pq.read_table(out / f"{n}.parquet").to_pylist() for n in ("units", "examples")} == ref

@@ -24,8 +24,7 @@ def test_every_option_of_run_is_recorded_and_owned_by_a_stage():
     run_parser = parser._subparsers._group_actions[0].choices["run"]
     dests = {a.dest for a in run_parser._actions} - NOT_OPTIONS
     config = _config()
-    renamed = {"site": "sites", "units": "units", "architecture": "architecture"}
-    missing = {d for d in dests if renamed.get(d, d) not in config}
+    missing = {d for d in dests if d not in config}
     assert not missing, f"options missing from run.json: {missing}"
     owned = {k for opts in STAGE_OPTIONS.values() for k in opts}
     assert set(config) <= owned

@@ -83,3 +83,20 @@ def test_manifest_is_json_with_checksums(tmp_path):
     m = json.loads((tmp_path / "st" / "store.json").read_text())
     assert m["shards"][0]["file"] == "shards/000000.safetensors"
     assert len(m["shards"][0]["sha256"]) == 64 and m["shards"][0]["tokens"] == 16
+
+
+@pytest.mark.parametrize("breakage", [
+    lambda m: m.pop("tokens"), lambda m: m.update(sites={}), lambda m: m.update(corpus={}), lambda m: m.pop("model"),
+    lambda m: m["shards"][0].update(tokens=-16), lambda m: m["shards"][0].update(windows=True),
+    lambda m: m.update(tokens=47), lambda m: m["shards"][1].update(windows=1),
+    lambda m: m["shards"][0].update(file="../../etc/passwd"), lambda m: m.update(ctx_len="8"),
+    lambda m: m["sites"]["s"].update(width=0),
+])
+def test_a_manifest_with_a_missing_or_wrong_field_is_refused_in_one_sentence(tmp_path, breakage):
+    """Fields the readers use, hand-edited or damaged: refused at open, never a KeyError or IndexError later."""
+    _fill(tmp_path / "st")
+    m = json.loads((tmp_path / "st" / "store.json").read_text())
+    breakage(m)
+    (tmp_path / "st" / "store.json").write_text(json.dumps(m))
+    with pytest.raises(UnitscopeError, match="is corrupt"):
+        Store.open(tmp_path / "st")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from unitscope import Corpus, load_dictionary, record
+from unitscope import Corpus, UnitscopeError, load_dictionary, record
 from unitscope.dictionaries.train import TrainConfig, Trainer
 
 
@@ -274,3 +274,23 @@ def test_a_checkpoint_in_the_former_single_slot_layout_still_resumes(small_store
     for _ in range(9):
         r.train_step(*next(r._batches(r.step)))
     assert sorted(p.name for p in d.iterdir()) == ["000000020.json", "000000020.safetensors", "state.json"]
+
+
+def test_a_checkpoint_made_from_other_data_is_refused(tmp_path, llama_subject, monkeypatch):
+    """Re-recording the store under a killed training run must not resume the old run's weights on new data."""
+    store = record(llama_subject, Corpus("default"), ["blocks.1.resid_post"], 6000, tmp_path / "s", ctx_len=32,
+                   batch_size=8, shard_tokens=1024, progress=False)
+    original = Trainer._normalise_decoder
+
+    def die_at_step_12(self):
+        original(self)
+        if self.step == 12:
+            raise _Killed
+    monkeypatch.setattr(Trainer, "_normalise_decoder", die_at_step_12)
+    with pytest.raises(_Killed):
+        Trainer(store, "blocks.1.resid_post", _cfg(), tmp_path / "d", progress=False).run()
+    monkeypatch.setattr(Trainer, "_normalise_decoder", original)
+    other = record(llama_subject, Corpus("default"), ["blocks.1.resid_post"], 7000, tmp_path / "s", ctx_len=32,
+                   batch_size=8, shard_tokens=1024, progress=False, overwrite=True)
+    with pytest.raises(UnitscopeError, match="made from other data"):
+        Trainer(other, "blocks.1.resid_post", _cfg(), tmp_path / "d", progress=False).run()

@@ -266,9 +266,13 @@ class Corpus:
         return [row[self.field] for _, row in zip(range(limit), ds)]
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256()
+        """sha256 of the shuffled documents, each length-prefixed, so that moving text across a document boundary
+        (which moves a separator token, and so every window after it) changes the fingerprint."""
+        h = hashlib.sha256(b"unitscope.corpus/2")
         for d in self.documents():
-            h.update(d.encode())
+            raw = d.encode()
+            h.update(len(raw).to_bytes(8, "little"))
+            h.update(raw)
         return h.hexdigest()[:16]
 
     def windows(self, tokenizer: Any, ctx_len: int, start: int = 0) -> Iterator[Window]:

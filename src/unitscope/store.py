@@ -35,22 +35,35 @@ _ST_DTYPES = {
 IDENTITY_KEYS = ("model", "model_fingerprint", "sites", "dtype", "ctx_len", "corpus")
 
 
+def _count(v: Any, least: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
 def _valid_manifest(m: Any) -> bool:
-    """Checked field by field (never with `assert`, which `python -O` removes)."""
+    """Every field the readers use, checked by type and range (never with `assert`, which `python -O` removes)."""
     if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("shards"), list):
         return False
-    if not isinstance(m.get("sites"), dict) or not isinstance(m.get("ctx_len"), int) or m["ctx_len"] < 1:
+    if not (isinstance(m.get("model"), str) and isinstance(m.get("dtype"), str) and _count(m.get("ctx_len"), 2)
+            and _count(m.get("tokens"))):
+        return False
+    corpus = m.get("corpus")
+    if not (isinstance(corpus, dict) and isinstance(corpus.get("spec"), str) and isinstance(corpus.get("field"), str)
+            and _count(corpus.get("seed"))):
+        return False
+    if not isinstance(m.get("sites"), dict) or not m["sites"]:
         return False
     for site in m["sites"].values():
-        if not isinstance(site, dict) or not isinstance(site.get("width"), int):
+        if not isinstance(site, dict) or not _count(site.get("width"), 1):
             return False
     for e in m["shards"]:
-        if not (isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("tokens"), int)
-                and isinstance(e.get("windows"), int) and isinstance(e.get("sha256"), str)):
+        if not (isinstance(e, dict) and isinstance(e.get("file"), str) and _count(e.get("tokens"), 1)
+                and _count(e.get("windows"), 1) and isinstance(e.get("sha256"), str)):
             return False
         if not e["file"].startswith("shards/") or "/" in e["file"][7:] or ".." in e["file"]:
             return False  # a manifest never points outside its own shards/ folder
-    return isinstance(m.get("corpus"), dict)
+        if e["windows"] * m["ctx_len"] < e["tokens"]:
+            return False
+    return m["tokens"] == sum(e["tokens"] for e in m["shards"])
 
 
 def _sha256(path: Path) -> str:
@@ -144,10 +157,10 @@ class Store:
                     )
             store._drop_orphans()
             return store
-        if root.exists() and any(root.iterdir()) and not (root / "store.json").exists() and not overwrite:
-            raise UnitscopeError(f"{str(root)!r} is not empty and holds no store; choose an empty or new directory")
         if root.exists() and not root.is_dir():
             raise UnitscopeError(f"{str(root)!r} is a file, not a directory; choose a directory for the store")
+        if root.exists() and any(root.iterdir()) and not (root / "store.json").exists() and not overwrite:
+            raise UnitscopeError(f"{str(root)!r} is not empty and holds no store; choose an empty or new directory")
         (root / "shards").mkdir(parents=True, exist_ok=True)
         store = cls(root, {"format": FORMAT, **identity, "tokens": 0, "shards": []})
         # the new (empty) manifest goes in first: from then on the old shards are orphans, dropped here or by the
@@ -231,6 +244,16 @@ class Store:
                                      "the manifest; re-record the store (or record again with --overwrite)")
             checked += int(entry.get("bytes", 0))
         return checked
+
+    def provenance(self) -> dict[str, Any]:
+        """What a dictionary trained on this store learned from, for its metadata: the model, the text and how
+        much of it (the first `trained_windows` windows of `context_size` tokens), so that later evaluations can
+        refuse another model and keep off the training windows."""
+        m = self.manifest
+        return {"model_name": m["model"], "model_spec": m.get("model_spec"),
+                "model_fingerprint": m.get("model_fingerprint"), "context_size": m["ctx_len"],
+                "dataset_path": m["corpus"]["spec"], "corpus_fingerprint": m.get("corpus_fingerprint"),
+                "trained_windows": self.n_windows, "trained_tokens": self.n_tokens}
 
     def check_corpus(self, corpus: Any) -> None:
         """Refuse a corpus whose content differs from the one recorded: its windows would not line up, and the

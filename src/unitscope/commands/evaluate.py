@@ -4,6 +4,7 @@ or on any text (`--corpus`, no store needed)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from ..errors import UnitscopeError
@@ -37,11 +38,16 @@ def run(args: argparse.Namespace) -> int:
     out = options.output_file(args.out)
     d = load_dictionary(args.dictionary)
     if args.store:
+        for flag, value in (("--ctx-len", args.ctx_len), ("--field", args.field if args.field != "text" else None)):
+            if value is not None:
+                raise UnitscopeError(f"{flag} applies to --corpus only; with --store the store's own is used")
         store = Store.open(args.store)
+        inputs.check_dictionary_matches_store(d, store)
         inputs.site_in_store(d, store, args.site)
         corpus = inputs.store_corpus(store)
+        start = inputs.held_out_start(d, store)
         subject = inputs.subject_for_store(args, store)
-        ctx_len, start = int(store.manifest["ctx_len"]), store.n_windows
+        ctx_len = int(store.manifest["ctx_len"])
     else:
         if d.input_site is None:
             if not args.site:
@@ -55,7 +61,11 @@ def run(args: argparse.Namespace) -> int:
         corpus.documents()
         subject = inputs.subject_for_dictionary(args, d)
         subject.site(d.input_site)
-        ctx_len, start = args.ctx_len or int(d.metadata.get("context_size") or 128), 0
+        ctx_len = args.ctx_len or int(d.metadata.get("context_size") or 128)
+        start = inputs.corpus_start(d, corpus, ctx_len)
+        if start:
+            print(f"this is the dictionary's training text: evaluating from window {start}, after the "
+                  f"{start} windows it was trained on", file=sys.stderr)
     result = evaluate_fidelity(subject, d, corpus, ctx_len, start_window=start, n_tokens=args.eval_tokens,
                                batch_size=args.eval_batch_size, progress=not args.quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -65,7 +75,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_metrics(result: dict[str, Any]) -> None:
-    m = result["eval_result_metrics"]
+    cfg, m = result["eval_config"], result["eval_result_metrics"]
+    if cfg["n_windows"] < cfg["n_windows_requested"]:
+        print(f"note: the text ran out: {m['misc']['n_tokens']} positions evaluated in {cfg['n_windows']} windows, "
+              f"of the {cfg['n_windows_requested']} windows asked for", file=sys.stderr)
     perf = m["model_performance_preservation"]
     print(f"FVU {m['reconstruction_quality']['fvu']:.4f}  L0 {m['sparsity']['l0']:.1f}  "
           f"CE loss recovered {perf['ce_loss_score_zero_evaluated_positions']:.4f} (zero-ablation at evaluated "

@@ -26,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
     out = options.output_dir(args.out)
     store = Store.open(args.store)
     d = load_dictionary(args.dictionary)
+    inputs.check_dictionary_matches_store(d, store)
     site = inputs.site_in_store(d, store, args.site)
     subject = inputs.subject_for_store(args, store)
     paths = write_tables(out, d, store, site, subject.tokenizer, lens=logit_lens(subject, d), top_n=args.top,

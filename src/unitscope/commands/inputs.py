@@ -54,6 +54,51 @@ def check_same_model(subject: Any, fingerprint: str | None, name: str | None, ow
             "belongs to; leave --model out to use that model, or pass the one it was made with")
 
 
+def check_dictionary_matches_store(dictionary: Any, store: Any) -> None:
+    """A dictionary spliced into another model's activations gives figures that mean nothing."""
+    meta, m = dictionary.metadata, store.manifest
+    mine, theirs = meta.get("model_fingerprint"), m.get("model_fingerprint")
+    differ = (mine != theirs) if mine and theirs else (
+        meta.get("model_name") is not None and meta.get("model_name") != m.get("model"))
+    if differ:
+        raise UnitscopeError(
+            f"the dictionary was trained on model {meta.get('model_name')!r} but the store at {str(store.root)!r} "
+            f"was recorded from {m.get('model')!r}" + (" (same name, other weights)" if meta.get("model_name") ==
+                                                       m.get("model") else "")
+            + "; use a store recorded from the dictionary's model")
+
+
+def _covered_windows(dictionary: Any, ctx_len: int) -> int:
+    """How many windows of `ctx_len` tokens at the start of its training text the dictionary has seen."""
+    meta = dictionary.metadata
+    windows, ctx = meta.get("trained_windows"), meta.get("context_size")
+    if not windows or not ctx:
+        return 0
+    return -(-int(windows) * int(ctx) // ctx_len)
+
+
+def held_out_start(dictionary: Any, store: Any) -> int:
+    """The first window after the store's, refused if the dictionary trained on windows past it (same text)."""
+    start = store.n_windows
+    meta = dictionary.metadata
+    if meta.get("corpus_fingerprint") and meta["corpus_fingerprint"] == store.manifest.get("corpus_fingerprint"):
+        covered = _covered_windows(dictionary, int(store.manifest["ctx_len"]))
+        if start < covered:
+            raise UnitscopeError(
+                f"the dictionary was trained on the first {covered} windows of this text, but the store at "
+                f"{str(store.root)!r} holds only {start}, so the windows after it are training windows; evaluate "
+                "with the store it was trained on, or with --corpus")
+    return start
+
+
+def corpus_start(dictionary: Any, corpus: Any, ctx_len: int) -> int:
+    """0 for text the dictionary never saw; past its training windows when it is its own training text."""
+    meta = dictionary.metadata
+    if meta.get("corpus_fingerprint") and meta["corpus_fingerprint"] == corpus.fingerprint():
+        return _covered_windows(dictionary, ctx_len)
+    return 0
+
+
 def site_in_store(dictionary: Any, store: Any, site: str | None = None) -> str:
     """The store site a dictionary reads: its own input site, which the store must hold at the same width.
 

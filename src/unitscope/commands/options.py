@@ -79,14 +79,18 @@ def dtype(text: str) -> str:
     return text
 
 
+def _parents_are_directories(path: Path) -> None:
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UnitscopeError(f"{str(path)!r} cannot be created: {str(parent)!r} is a file")
+
+
 def output_dir(path: str | Path) -> Path:
     """A directory to write into: refuse an existing file of that name before any work is done."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise UnitscopeError(f"--out {str(path)!r} is an existing file; give a directory (new or existing)")
-    for parent in path.parents:
-        if parent.exists() and not parent.is_dir():
-            raise UnitscopeError(f"--out {str(path)!r} cannot be created: {str(parent)!r} is a file")
+        raise UnitscopeError(f"{str(path)!r} is an existing file; give a directory (new or existing)")
+    _parents_are_directories(path)
     return path
 
 
@@ -94,10 +98,8 @@ def output_file(path: str | Path) -> Path:
     """A file to write: refuse a directory of that name, or a parent that is a file."""
     path = Path(path)
     if path.is_dir():
-        raise UnitscopeError(f"--out {str(path)!r} is a directory; give a file name, e.g. {str(path / 'core.json')!r}")
-    for parent in path.parents:
-        if parent.exists() and not parent.is_dir():
-            raise UnitscopeError(f"--out {str(path)!r} cannot be created: {str(parent)!r} is a file")
+        raise UnitscopeError(f"{str(path)!r} is a directory; give a file name, e.g. {str(path / 'core.json')!r}")
+    _parents_are_directories(path)
     return path
 
 

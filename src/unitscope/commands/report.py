@@ -27,14 +27,26 @@ def run(args: argparse.Namespace) -> int:
     if not explain:
         raise UnitscopeError(f"run {str(root)!r} has no explanation tables yet; run `unitscope explain` first")
     try:
-        cfg = json.loads(state_path.read_text())["config"]
+        state = json.loads(state_path.read_text())
+        cfg, stages = state["config"], state["stages"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UnitscopeError(f"{str(state_path)!r} is corrupt; rerun `unitscope run` with --overwrite all") from None
+    for stage in ("eval", "explain"):
+        status = stages.get(stage, {}).get("status")
+        if status in ("stale", "running"):
+            raise UnitscopeError(f"the {stage} stage of run {str(root)!r} is {status} (an earlier stage was redone or "
+                                 "it was interrupted); finish the run with `unitscope run` first")
+    model = cfg.get("model")
+    if (root / "store" / "store.json").is_file():
+        model = json.loads((root / "store" / "store.json").read_text()).get("model", model)
     index = None
     for e in explain:
-        did = e.name
-        index = write_report(root / "report" / did, e, f"{did} · {cfg.get('model', '')} · {cfg.get('site', '')}",
-                             eval_json=root / "evals" / did / "core.json",
-                             info={"model": cfg.get("model"), "site": cfg.get("site"), "run": str(root)})
+        index = write_report(root / "report" / e.name, e, report_title(e.name, model, cfg.get("site")),
+                             eval_json=root / "evals" / e.name / "core.json",
+                             info={"model": model, "site": cfg.get("site"), "run": str(root)})
     print(f"report: {index}")
     return 0
+
+
+def report_title(dictionary_id: str, model: str | None, site: str | None) -> str:
+    return f"{dictionary_id} · {model or ''} · {site or ''}"

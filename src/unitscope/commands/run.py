@@ -10,8 +10,9 @@ import argparse
 from pathlib import Path
 
 from ..errors import UnitscopeError
-from . import options
+from . import inputs, options
 from .evaluate import print_metrics
+from .report import report_title
 
 
 def add_parser(sub) -> None:
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = cfgs[0]
     if cfg.architecture in fit.FROM_LABELS:
         raise UnitscopeError(f"{cfg.architecture} needs labelled text; use `unitscope train --labels`")
-    root = Path(args.runs_dir) / args.name
+    root = options.output_dir(Path(args.runs_dir) / args.name)
     run = Run(root, run_config(args, cfg, sites), overwrite=args.overwrite)
     corpus = Corpus(args.corpus, field=args.field)
     corpus.documents()
@@ -68,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
         subject.site(s)
     did = options.dictionary_id(cfg)
     store_dir, dict_dir = root / "store", root / "dictionaries" / did
+    if "record" not in run.redo and (store_dir / "store.json").is_file():  # the run's store is kept: same model?
+        manifest = Store.open(store_dir).manifest
+        inputs.check_same_model(subject, manifest.get("model_fingerprint"), manifest.get("model"),
+                                f"the run's store at {str(store_dir)!r}")
     eval_path, explain_dir, report_dir = root / "evals" / did / "core.json", root / "explain" / did, root / "report"
     progress = not args.quiet
 
@@ -103,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
                      lens=logit_lens(subject, d), top_n=args.top, progress=progress)
 
     def do_report():
-        index = write_report(report_dir / did, explain_dir, f"{did} · {subject.name} · {sites[0]}",
+        index = write_report(report_dir / did, explain_dir, report_title(did, subject.name, sites[0]),
                              eval_json=eval_path, info={"model": subject.name, "site": sites[0], "run": str(root)})
         return {"index": str(index)}
 

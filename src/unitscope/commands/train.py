@@ -35,7 +35,7 @@ def _plain_subject(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from ..dictionaries import fit
-    from ..dictionaries.train import Trainer, is_transcoder, train, train_together
+    from ..dictionaries.train import Trainer, checkpoint_dir, is_transcoder, train, train_together
     from ..store import Store
 
     out = options.output_dir(args.out)
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         source = LiveSource(_plain_subject(args), Corpus(args.corpus), args.site, None, cfgs[0].batch_size,
                             ctx_len=args.ctx_len)
         if args.overwrite:
-            shutil.rmtree(out.with_name(f".{out.name}.checkpoint"), ignore_errors=True)
+            shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
         Trainer(source, args.site, cfgs[0], out, progress=not args.quiet).run()
         outs = [out]
     elif not args.store:
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         outs = [out / options.dictionary_id(c) for c in cfgs]
         if args.overwrite:
             for o in outs:
-                shutil.rmtree(o.with_name(f".{o.name}.checkpoint"), ignore_errors=True)
+                shutil.rmtree(checkpoint_dir(o), ignore_errors=True)
         train_together([Trainer(store, site, c, o, progress=False) for c, o in zip(cfgs, outs)],
                        progress=not args.quiet)
     for o in outs:

@@ -38,10 +38,7 @@ def _sample(store: Store, site: str, max_rows: int, seed: int) -> torch.Tensor:
 
 
 def _metadata(store: Store, site: str) -> dict[str, Any]:
-    m = store.manifest
-    return {"model_name": m["model"], "model_spec": m.get("model_spec"),
-            "model_fingerprint": m.get("model_fingerprint"), "hook_name": site, "context_size": m["ctx_len"],
-            "dataset_path": m["corpus"]["spec"]}
+    return {**store.provenance(), "hook_name": site}
 
 
 def fit_from_store(store: Store, site: str, architecture: str, n_units: int, subject: Any = None,

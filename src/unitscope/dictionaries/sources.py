@@ -29,10 +29,7 @@ class StoreSource:
         return self.store.width(self.site), self.store.width(self.target_site) if self.target_site else None
 
     def metadata(self) -> dict[str, Any]:
-        m = self.store.manifest
-        return {"model_name": m["model"], "model_spec": m.get("model_spec"),
-                "model_fingerprint": m.get("model_fingerprint"), "context_size": m["ctx_len"],
-                "dataset_path": m["corpus"]["spec"]}
+        return self.store.provenance()
 
     def batches(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         sites = [self.site, self.target_site] if self.target_site else [self.site]

@@ -33,6 +33,12 @@ from .sources import LiveSource, StoreSource
 CKPT = "checkpoint"
 
 
+def checkpoint_dir(out: str | Path) -> Path:
+    """Where the checkpoints of the dictionary that will be saved at `out` live (beside it, hidden)."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.{CKPT}")
+
+
 @dataclass
 class TrainConfig:
     architecture: str = "topk"
@@ -162,7 +168,7 @@ class Trainer:
     # older checkpoints are removed, so a kill at any moment leaves the previous checkpoint or the new one;
     # a sweep resumes every member from the newest step that all of them have.
     def _ckpt_dir(self) -> Path:
-        return self.out.with_name(f".{self.out.name}.{CKPT}")
+        return checkpoint_dir(self.out)
 
     def checkpoint_steps(self) -> list[int]:
         """Steps of the complete checkpoints on disk, oldest first (a step's JSON is written last)."""
@@ -194,7 +200,7 @@ class Trainer:
                 tensors[f"adam.{name}.step"] = torch.as_tensor(st["step"]).reshape(1).float()
         tensors["since_fired"] = self.since_fired.cpu().clone()
         state = {"step": self.step, "scale": self.scale, "out_scale": self.out_scale, "config": asdict(self.cfg),
-                 "site": self.site, "log": self.log, "seconds": self.seconds}
+                 "site": self.site, "log": self.log, "seconds": self.seconds, "data": self._data_identity()}
         js, st_path = d / f"{self.step:09d}.json", d / f"{self.step:09d}.safetensors"
         tmp = st_path.with_name(st_path.name + ".tmp")
         save_file(tensors, str(tmp))
@@ -241,12 +247,21 @@ class Trainer:
         self.seconds = state.get("seconds", 0.0)
         return True
 
+    def _data_identity(self) -> dict[str, Any]:
+        meta = self.source.metadata()
+        return {k: meta.get(k) for k in ("model_fingerprint", "corpus_fingerprint", "trained_windows",
+                                          "trained_tokens")}
+
     def _check_checkpoint(self, state: dict[str, Any]) -> None:
         if state["config"] != asdict(self.cfg) or state["site"] != self.site:
             raise UnitscopeError(
                 f"a checkpoint at {str(self._ckpt_dir())!r} was made with other training options; rerun with the "
                 "same options or pass --overwrite to start again"
             )
+        if "data" in state and state["data"] != self._data_identity():
+            raise UnitscopeError(
+                f"a checkpoint at {str(self._ckpt_dir())!r} was made from other data (the store was re-recorded or "
+                "extended since); pass --overwrite to start again on this data")
 
     def remove_checkpoints(self) -> None:
         shutil.rmtree(self._ckpt_dir(), ignore_errors=True)
@@ -416,7 +431,7 @@ def train(store: Store | str | Path, site: str | None, cfg: TrainConfig, out: st
     store.width(site)
     out = Path(out)
     if overwrite:
-        shutil.rmtree(out.with_name(f".{out.name}.{CKPT}"), ignore_errors=True)
+        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
     return Trainer(store, site, cfg, out, progress=progress, target_site=target_site).run()
 
 

@@ -114,7 +114,9 @@ def evaluate_fidelity(subject: Subject, dictionary: Dictionary, corpus: Corpus, 
         bar.update(len(batch) * ctx_len)
     bar.close()
     if n == 0 or n_pred == 0:
-        raise UnitscopeError("no held-out positions were evaluated; the corpus has no windows after the recorded ones")
+        raise UnitscopeError(f"no positions were evaluated: corpus {corpus.spec!r} has no window of {ctx_len} tokens "
+                             f"from window {start_window} on" + (" (the windows before it are the recorded ones)"
+                                                                 if start_window else ""))
 
     total_var = sum_y2 - float(sum_y.pow(2).sum()) / n
     fvu = sq_err / max(total_var, 1e-12)
@@ -146,7 +148,7 @@ def evaluate_fidelity(subject: Subject, dictionary: Dictionary, corpus: Corpus, 
         "eval_config": {"model_name": subject.name, "input_site": in_site, "output_site": out_site,
                         "context_size": ctx_len, "corpus": corpus.provenance(),
                         "corpus_fingerprint": corpus.fingerprint(), "start_window": start_window,
-                        "n_windows": done, "batch_size": batch_size,
+                        "n_windows": done, "n_windows_requested": n_windows, "batch_size": batch_size,
                         "excluded_positions": "first position of each window and special tokens",
                         "ce_loss_score": "zero ablation at every position (SAELens/SAEBench)",
                         "ce_loss_score_zero_evaluated_positions": "zero ablation at evaluated positions only"},
