@@ -122,24 +122,25 @@ def throughput(args, work: Path) -> None:
             r = run_trainer(name.split("-")[0], spec, work)
             if r:
                 results[name].append(r)
-                print(f"  rep {rep} {name:<20} {r['tokens_per_s']:8.0f} tokens/s  peak RSS {r['peak_rss_mb']:6.0f} MB",
-                      flush=True)
-    med = {n: statistics.median(r["tokens_per_s"] for r in rs) for n, rs in results.items() if rs}
-    print("medians")
-    for n in names:
-        if n in med:
-            reps = ", ".join(f"{r['tokens_per_s']:.0f}" for r in results[n])
-            print(f"  {n:<20} {med[n]:8.0f} tokens/s  peak RSS {max(r['peak_rss_mb'] for r in results[n]):6.0f} MB"
-                  f"  (reps: {reps})")
-    print(f"default path (unitscope compute dtype auto = {auto or torch.float32}) vs peers (float32):")
-    for peer in args.peers:
-        print(f"ratio unitscope/{peer}: " + (f"{med['unitscope'] / med[peer]:.2f}"
-                                              if "unitscope" in med and peer in med else "n/a (a run failed)"))
-    print("float32 path (unitscope compute dtype float32) vs peers (float32):")
-    for peer in args.peers:
-        print(f"ratio unitscope-float32/{peer}: " + (f"{med['unitscope-float32'] / med[peer]:.2f}"
-                                                      if "unitscope-float32" in med and peer in med
-                                                      else "n/a (a run failed)"))
+                cpu = r.get("tokens_per_cpu_s", float("nan"))
+                print(f"  rep {rep} {name:<20} {r['tokens_per_s']:8.0f} tokens/s {cpu:8.0f} tokens/CPU-s  "
+                      f"peak RSS {r['peak_rss_mb']:6.0f} MB", flush=True)
+    for key, unit, label in (("tokens_per_s", "tokens/s", ""), ("tokens_per_cpu_s", "tokens/CPU-s", " (CPU time)")):
+        med = {n: statistics.median(r[key] for r in rs) for n, rs in results.items() if rs and key in rs[0]}
+        print(f"medians of {unit}" + (": wall clock" if not label else
+                                      ": per CPU-second of the trainer's own threads, which other processes on "
+                                      "a shared machine disturb less than wall time"))
+        for n in names:
+            if n in med:
+                reps = ", ".join(f"{r[key]:.0f}" for r in results[n])
+                print(f"  {n:<20} {med[n]:8.0f} {unit}  peak RSS {max(r['peak_rss_mb'] for r in results[n]):6.0f} MB"
+                      f"  (reps: {reps})")
+        for ours, what in (("unitscope", f"default path (unitscope compute dtype auto = {auto or torch.float32})"),
+                           ("unitscope-float32", "float32 path (unitscope compute dtype float32)")):
+            print(f"{what} vs peers (float32){label}:")
+            for peer in args.peers:
+                value = f"{med[ours] / med[peer]:.2f}" if ours in med and peer in med else "n/a (a run failed)"
+                print(f"ratio{label} {ours}/{peer}: {value}")
 
 
 def as_unitscope(lib: str, out: Path, k: int, scale: float):

@@ -7,7 +7,8 @@ few probe rows, so the benchmark can check its conversion to unitscope against t
 
 The harness feeds every trainer the same batches in the same order (a fixed permutation per epoch of one activation
 file), fetches each batch *outside* the timer, times only the `step` calls, and leaves the first `warm` steps out
-of the timing for every trainer alike.
+of the timing for every trainer alike. It records wall time and the process's CPU time (all its threads), which
+other processes on a shared machine disturb less.
 
     python <library>_train.py SPEC.json      # spec: data, out, result, units, k, batch, steps, warm, seed, ...
 """
@@ -65,14 +66,14 @@ def main(build):
     torch.manual_seed(spec["seed"])
     x = load_rows(spec["data"])
     step, save, reconstruct = build(x, spec)
-    warm, timed, times = spec["warm"], 0.0, []
+    warm, timed, cpu = spec["warm"], 0.0, 0.0
     for i, xb in enumerate(batches(x, spec["batch"], spec["steps"], spec["seed"])):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step(i, xb)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         if i >= warm:
             timed += dt
-            times.append(dt)
+            cpu += dc
     save(Path(spec["out"]))
     probe = x[:256]
     with torch.no_grad():
@@ -80,7 +81,8 @@ def main(build):
                   str(Path(spec["out"]) / "probe.safetensors"))
     n_timed = spec["steps"] - warm
     result = {"seconds": timed, "timed_steps": n_timed, "tokens": n_timed * spec["batch"],
-              "tokens_per_s": n_timed * spec["batch"] / max(timed, 1e-9), "peak_rss_mb": peak_rss_mb(),
+              "tokens_per_s": n_timed * spec["batch"] / max(timed, 1e-9), "cpu_seconds": cpu,
+              "tokens_per_cpu_s": n_timed * spec["batch"] / max(cpu, 1e-9), "peak_rss_mb": peak_rss_mb(),
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     tmp = spec["result"] + ".tmp"
     Path(tmp).write_text(json.dumps(result))
