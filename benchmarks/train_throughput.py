@@ -85,11 +85,11 @@ def trainer_command(lib: str) -> list[str]:
     return [py, str(HERE / "peers" / script)]
 
 
-def run_trainer(lib: str, spec: dict, work: Path) -> dict | None:
+def run_trainer(lib: str, spec: dict, work: Path, threads: int = 0) -> dict | None:
     """One training run in its own process (its own environment); None (and the error) if it failed."""
     spec_path = work / f"spec-{lib}.json"
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": str(HERE / "peers")}
+    env = {**os.environ, "PYTHONPATH": str(HERE / "peers"), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     p = subprocess.run([*trainer_command(lib), str(spec_path)], capture_output=True, text=True, env=env,
                        cwd=HERE / "peers")
     if p.returncode != 0:
@@ -180,7 +180,7 @@ def quality(args, work: Path, meta: dict) -> None:
                 "result": str(work / "quality" / f"{lib}.json"), "units": args.quality_units, "k": args.k,
                 "batch": args.quality_batch, "steps": steps, "warm": 0, "seed": 0, "site": SITE}
         t0 = time.perf_counter()
-        return run_trainer(lib, spec, work), time.perf_counter() - t0
+        return run_trainer(lib, spec, work, args.quality_threads), time.perf_counter() - t0
 
     # --quality-jobs > 1 trains several libraries at once (their seconds are then not comparable; the quality is)
     with ThreadPoolExecutor(max_workers=args.quality_jobs) as pool:
@@ -207,8 +207,9 @@ def quality(args, work: Path, meta: dict) -> None:
                   f"FVU {row['fvu']:.4f}  CE loss recovered {row['ce']:.4f}  (as a unitscope TopKSAE it reconstructs "
                   f"as {lib} itself does to {gap:.1e} of the rms{'' if gap < 1e-3 else ': CONVERSION MISMATCH'})",
                   flush=True)
-    if args.quality_jobs > 1:
-        print(f"({args.quality_jobs} libraries trained at once: the seconds below are not a speed comparison)")
+    if args.quality_jobs > 1 or args.quality_threads:
+        print(f"({args.quality_jobs} libraries trained at once, {args.quality_threads or 'default'} threads each: "
+              "the seconds below are not a speed comparison)")
     print(f"\n{'library':<20} {'FVU':>7} {'CE loss rec.':>12} {'KL':>7} {'L0':>6} {'dead':>6} {'train s':>8} "
           f"{'peak RSS MB':>11}")
     for row in rows:
@@ -232,6 +233,8 @@ def main() -> None:
     ap.add_argument("--quality-tokens", type=int, default=2_097_152, help="quality: training tokens per library")
     ap.add_argument("--eval-tokens", type=int, default=8192, help="quality: held-out tokens evaluated")
     ap.add_argument("--quality-jobs", type=int, default=1, help="quality: libraries trained at once (default 1)")
+    ap.add_argument("--quality-threads", type=int, default=0,
+                    help="quality: torch threads per trainer (default: torch's); 1 is fastest on a busy machine")
     ap.add_argument("--skip", action="append", default=[], choices=["throughput", "quality"])
     ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers to compare (default: all)")
     args = ap.parse_args()
