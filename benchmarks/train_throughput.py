@@ -103,7 +103,8 @@ def throughput(args, work: Path) -> None:
     runs = {"unitscope": "auto", "unitscope-float32": "float32", **{p: None for p in args.peers}}
     print(f"\n== throughput: TopK SAE 576 -> {args.units}, k = {args.k}, batch {args.batch}, {args.steps} steps, "
           f"the first {args.warm} left out of every timer; unitscope's default compute dtype auto = "
-          f"{auto or torch.float32}; peers float32; {args.reps} interleaved repetitions", flush=True)
+          f"{auto or torch.float32}; peers float32; {args.reps} interleaved repetitions; "
+          f"{args.threads or torch.get_num_threads()} threads per trainer", flush=True)
     data = work / f"throughput-{args.batch * args.steps}.safetensors"
     if not data.is_file():  # only the rows the runs use, so peak memory is the trainer's, not the data set's
         x = load_file(str(work / "train.safetensors"))["x"][:args.batch * args.steps]
@@ -119,7 +120,7 @@ def throughput(args, work: Path) -> None:
             if runs[name]:
                 spec["compute_dtype"] = runs[name]
             (work / "tp").mkdir(exist_ok=True)
-            r = run_trainer(name.split("-")[0], spec, work)
+            r = run_trainer(name.split("-")[0], spec, work, args.threads)
             if r:
                 results[name].append(r)
                 cpu = r.get("tokens_per_cpu_s", float("nan"))
@@ -227,6 +228,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="throughput: steps per run, warm-up included")
     ap.add_argument("--warm", type=int, default=2, help="throughput: warm-up steps left out of every timer")
     ap.add_argument("--reps", type=int, default=3, help="throughput: interleaved repetitions")
+    ap.add_argument("--threads", type=int, default=0, help="throughput: torch threads per trainer (default: torch's)")
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--quality-units", type=int, default=4608, help="quality: SAE width (the default run's)")
     ap.add_argument("--quality-batch", type=int, default=2048, help="quality: batch size (unitscope's default)")
