@@ -1,6 +1,6 @@
 """Training benchmark: unitscope vs SAELens vs sparsify vs dictionary_learning, reproducible with one command.
 
-    python benchmarks/train_throughput.py            # the real run (about 40-60 minutes on 2 CPU cores)
+    python benchmarks/train_throughput.py            # the real run (estimated ~40 min on an idle 2-core machine)
     python benchmarks/train_throughput.py --quick    # tiny budgets, a couple of minutes: for development
 
 1. Environments: each peer gets its own virtual environment, made on first use and cached under unitscope's cache
