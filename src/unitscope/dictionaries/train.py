@@ -380,7 +380,10 @@ class Trainer:
     def run(self) -> Dictionary:
         return train_together([self], progress=self.progress)[0]
 
+    @torch.no_grad()
     def _constrain_decoder_grad(self) -> None:
+        """Remove the gradient's component along each (unit-norm) decoder row. Under no_grad: recorded by autograd,
+        this edit chained every step's graph onto the last and held ~B x n floats per step (a leak of GBs)."""
         w, g = self.sae.W_dec, self.sae.W_dec.grad
         if g is not None:
             g.sub_((g * w).sum(1, keepdim=True) * w)
