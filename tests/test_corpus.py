@@ -128,3 +128,14 @@ def test_bad_corpus_paths(tmp_path):
     for spec, words in cases.items():
         with pytest.raises(UnitscopeError, match=words):
             Corpus(spec).documents()
+
+
+def test_fingerprint_tells_apart_text_moved_across_a_document_boundary(tmp_path):
+    """Same characters, other documents: the separator token moves, so every later window differs."""
+    import json
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("\n".join(json.dumps({"text": t}) for t in ["Alpha beta.", "Gamma delta."]))
+    b.write_text("\n".join(json.dumps({"text": t}) for t in ["Alpha beta.Gamma", " delta."]))
+    assert Corpus(str(a)).fingerprint() != Corpus(str(b)).fingerprint()
+    assert Corpus(str(a)).fingerprint() == Corpus(str(a)).fingerprint()

@@ -131,7 +131,7 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=positive_int, nargs="+", default=[32], help="active latents per token for TopK kinds")
     p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default 1e-3*sqrt(4608/units))")
     p.add_argument("--batch-size", type=positive_int, default=2048, help="tokens per training step")
-    p.add_argument("--train-tokens", type=positive_int, default=1_000_000,
+    p.add_argument("--train-tokens", type=positive_int, default=2_000_000,
                    help="tokens to train on (epochs over the store)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--checkpoint-every", type=positive_int, default=50, help="steps between checkpoints")
