@@ -3,7 +3,6 @@ sqrt(4608 / units), 5% warm-up, last 20% linear decay, AuxK, b_dec at the geomet
 harness's batches. spec["compute_dtype"]: "auto" (the default: bfloat16 where the CPU has fast bf16) or "float32".
 """
 
-import torch
 from common import batches, main
 
 from unitscope import load_dictionary
@@ -28,10 +27,6 @@ class ArraySource:
 
 
 def build(x, spec):
-    # Workaround, numerically identical: Trainer._constrain_decoder_grad edits W_dec.grad outside torch.no_grad(),
-    # so autograd records (and keeps alive) ~20 MB per step at 4608 units: OOM within a 2M-token run. Reported;
-    # harmless once that method runs under no_grad itself.
-    Trainer._constrain_decoder_grad = torch.no_grad()(Trainer._constrain_decoder_grad)
     cfg = TrainConfig(n_units=spec["units"], k=spec["k"], batch_size=spec["batch"],
                       train_tokens=spec["batch"] * spec["steps"], compute_dtype=spec.get("compute_dtype", "auto"),
                       checkpoint_every=10**9)
