@@ -86,3 +86,11 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     """Run `python -m unitscope ARGS` as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, "-m", "unitscope", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def calling_first(hook, fn):
+    """`fn` wrapped so that `hook()` runs before every call: e.g. a snapshot before each filesystem step."""
+    def wrapped(*a, **kw):
+        hook()
+        return fn(*a, **kw)
+    return wrapped

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import calling_first
 
 from unitscope import UnitscopeError, load_dictionary
 from unitscope.dictionaries.linear import Neurons
@@ -96,10 +97,7 @@ def test_a_kill_at_any_step_of_a_save_leaves_the_old_or_the_new_dictionary(tmp_p
         snaps.append(dst)
 
     def before(fn):
-        def wrapped(*a, **kw):
-            snapshot()
-            return fn(*a, **kw)
-        return wrapped
+        return calling_first(snapshot, fn)
 
     monkeypatch.setattr(os, "replace", before(os.replace))
     monkeypatch.setattr(os, "rename", before(os.rename))

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import calling_first
 
 from unitscope import Corpus, UnitscopeError, load_dictionary, record
 from unitscope.dictionaries.train import TrainConfig, Trainer
@@ -143,10 +144,7 @@ def test_a_kill_at_any_step_of_a_checkpoint_write_leaves_the_previous_or_the_new
         snaps.append(dst)
 
     def before(fn):
-        def wrapped(*a, **kw):
-            snapshot()
-            return fn(*a, **kw)
-        return wrapped
+        return calling_first(snapshot, fn)
 
     for mod, name in ((os, "replace"), (os, "rename"), (os, "unlink"), (shutil, "rmtree"), (Path, "rename"),
                       (Path, "unlink"), (Path, "write_text"), (train_mod, "save_file")):
