@@ -44,6 +44,14 @@ def run(args: argparse.Namespace) -> int:
         store = Store.open(args.store)
         inputs.check_dictionary_matches_store(d, store)
         inputs.site_in_store(d, store, args.site)
+        if store.manifest.get("synthetic") is not None:  # ground truth: no model; fresh held-out rows of its spec
+            from ..synthetic import evaluate_synthetic, print_synthetic_metrics
+
+            result = evaluate_synthetic(d, store, n_rows=args.eval_tokens, progress=not args.quiet)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(out, result)
+            print_synthetic_metrics(result)
+            return 0
         corpus = inputs.store_corpus(store)
         start = inputs.held_out_start(d, store)
         subject = inputs.subject_for_store(args, store)
