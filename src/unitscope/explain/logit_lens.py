@@ -1,7 +1,13 @@
-"""Logit lens of unit directions: unembed(final_norm(direction)), top promoted and suppressed tokens."""
+"""Logit lens of unit directions: unembed(final_norm(direction)), top promoted and suppressed tokens.
+
+Every kind whose directions live in the residual stream gets it: SAE and transcoder decoder rows, neuron
+down-projection rows, PCA / k-means / semi-NMF / diff-in-means / probe directions; others (directions of
+another width) get empty entries.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -9,18 +15,23 @@ import torch
 from ..dictionaries import Dictionary
 from ..sites import unembed_modules
 from ..subject import Subject
+from .examples import check_units
 
 
 @torch.inference_mode()
-def logit_lens(subject: Subject, dictionary: Dictionary, top: int = 10, chunk: int = 512) -> dict[str, list[Any]]:
-    """Per unit: the `top` tokens its direction promotes and suppresses most, with their logits.
+def logit_lens(subject: Subject, dictionary: Dictionary, top: int = 10, chunk: int = 512,
+               units: Sequence[int] | None = None) -> dict[str, list[Any]]:
+    """Per unit (all, or `units`, sorted as `write_tables` orders them): the `top` tokens its direction promotes and suppresses most,
+    with their logits.
 
-    Returns empty lists when the directions do not live in the residual stream (their width differs
+    Returns None entries when the directions do not live in the residual stream (their width differs
     from the unembedding's input).
     """
     norm, unembed = unembed_modules(subject.model)
     dirs = dictionary.directions.detach()
-    n = dictionary.n_units
+    if units is not None:
+        dirs = dirs[check_units(dictionary, units)]
+    n = dirs.shape[0]
     if dirs.shape[-1] != unembed.weight.shape[-1]:
         return {k: [None] * n for k in ("promoted_tokens", "promoted_logits", "suppressed_tokens", "suppressed_logits")}
     top = min(top, unembed.weight.shape[0])  # a vocabulary smaller than `top` gives all its tokens
