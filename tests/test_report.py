@@ -133,3 +133,30 @@ def test_script_json_round_trips_and_never_closes_a_script():
     text = script_json(value)
     assert not any(c in text for c in "<>&\u2028\u2029")
     assert json.loads(text) == value
+
+
+def test_the_runs_comparison_is_shown_with_its_plot_and_stays_text(hostile, browser, tmp_path):
+    """A run's compare rows and plot on a dictionary's index: the plot is the report's own copy (it loads from the
+    report folder), the other dictionaries are links, and a hostile dictionary name is text, never markup."""
+    from unitscope.compare import plot_png
+
+    root = hostile[0]
+    rows = [{"dictionary": "topk-32-k2", "kind": "topk", "units": 32, "l0": 2.0, "fvu": 0.25},
+            {"dictionary": SCRIPT, "kind": IMG, "units": 8, "l0": 8.0, "fvu": 0.0, "report": f"../{IMG}/index.html"}]
+    plot = tmp_path / "compare.png"
+    plot.write_bytes(plot_png(rows))
+    index = write_report(tmp_path / "report" / "topk-32-k2", root / "explain", "t", comparison=rows,
+                         comparison_plot=plot)
+    plot.unlink()  # the report keeps its own copy
+    browser.get(index.as_uri())
+    page = browser.execute_script(PROBE.replace(
+        "return {", "return {loaded: [...document.images].map(i => i.complete && i.naturalWidth), "
+                    "links: [...document.querySelectorAll('a')].map(a => a.getAttribute('href')), "
+                    "strong: [...document.querySelectorAll('tr')].filter(r => r.style.fontWeight)"
+                    ".map(r => r.cells[0].textContent), ", 1))
+    assert page["pwned"] == "undefined" and page["scripts"] == 1
+    assert page["imgs"] == 1 and page["loaded"][0] > 0  # the plot loaded: the report's own copy (the run's is gone)
+    assert page["fetched"] == []
+    assert SCRIPT in page["text"] and IMG in page["text"]
+    assert page["strong"] == ["topk-32-k2"] and page["bold"] == 0  # this dictionary's row; the other is a link
+    assert any(h and h.endswith("/index.html") and h.startswith("..") for h in page["links"])

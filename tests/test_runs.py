@@ -14,8 +14,9 @@ NOT_OPTIONS = {"help", "quiet", "name", "runs_dir", "overwrite", "func", "comman
 
 
 def _config(**changes):
-    args = build_parser().parse_args(["run", *[x for k, v in changes.items() for x in (f"--{k}", str(v))]])
-    return run_config(args, train_configs(args)[0], args.site or ["blocks.6.resid_post"])
+    flags = [x for k, v in changes.items() for x in (f"--{k}", *(map(str, v) if isinstance(v, list) else [str(v)]))]
+    args = build_parser().parse_args(["run", *flags])
+    return run_config(args, train_configs(args), args.site or ["blocks.6.resid_post"])
 
 
 def test_every_option_of_run_is_recorded_and_owned_by_a_stage():
@@ -59,7 +60,7 @@ def test_changing_an_option_of_a_finished_stage_is_refused_unless_that_stage_is_
     assert (tmp_path / "run.json").read_text() == before  # a refusal writes nothing
     calls.clear()
     _stages(Run(tmp_path, _config(top=30), ["explain"]), calls)
-    assert calls == ["explain", "report"]
+    assert calls == ["explain", "compare", "report"]
     state = json.loads((tmp_path / "run.json").read_text())
     assert state["config"]["top"] == 30 and state["stages"]["explain"]["options"] == {"top": 30}
     assert state["stages"]["record"]["options"]["tokens"] == 200000
@@ -74,13 +75,13 @@ def test_a_stage_killed_while_redone_leaves_the_later_ones_stale_not_done(tmp_pa
     assert fresh == {"train": True}  # a redone stage starts from nothing
     state = json.loads((tmp_path / "run.json").read_text())
     assert state["stages"]["train"]["status"] == "running"
-    assert {state["stages"][s]["status"] for s in ("eval", "explain", "report")} == {"stale"}
+    assert {state["stages"][s]["status"] for s in ("eval", "explain", "compare", "report")} == {"stale"}
     # rerun without --overwrite: train resumes and every stage after it is redone, none skipped as "done"
     calls.clear()
     _stages(Run(tmp_path, _config(units=256), []), calls, fresh=fresh)
-    assert calls == ["train", "eval", "explain", "report"]
+    assert calls == ["train", "eval", "explain", "compare", "report"]
     # the interrupted train resumes (its checkpoint); the stale stages after it start from nothing
-    assert fresh == {"train": False, "eval": True, "explain": True, "report": True}
+    assert fresh == {"train": False, "eval": True, "explain": True, "compare": True, "report": True}
     state = json.loads((tmp_path / "run.json").read_text())
     assert all(state["stages"][s]["status"] == "done" for s in STAGES)
     assert state["stages"]["train"]["options"]["units"] == 256
@@ -92,3 +93,54 @@ def test_unknown_stage_and_corrupt_run_json(tmp_path):
     (tmp_path / "run.json").write_text('{"config": ')
     with pytest.raises(UnitscopeError, match="is corrupt"):
         Run(tmp_path, _config(), [])
+
+
+def _items_stage(run, keys, done, fail_after=None):
+    """An eval-like stage over several dictionaries: each key is one item; a kill may follow any item."""
+    def fn():
+        for i, key in enumerate(keys):
+            run.item(key, lambda key=key: done.append(key) or {"key": key})
+            if fail_after is not None and i == fail_after:
+                raise KeyboardInterrupt
+    return fn
+
+
+def test_a_stage_of_several_items_resumes_after_the_last_finished_one(tmp_path):
+    keys = ["topk-64-k4", "pca-32", "neurons-64"]
+    run = Run(tmp_path, _config(), [])
+    for name in STAGES[:2]:
+        run.stage(name, lambda: None, log=lambda _m: None)
+    done = []
+    with pytest.raises(KeyboardInterrupt):  # killed after the second dictionary's evaluation
+        run.stage("eval", _items_stage(run, keys, done, fail_after=1), log=lambda _m: None)
+    assert done == keys[:2]
+    # rerun: the two finished items are skipped, the third is done, and run.json lists all three
+    done.clear()
+    run = Run(tmp_path, _config(), [])
+    assert run.stage("eval", _items_stage(run, keys, done), log=lambda _m: None)
+    assert done == keys[2:]
+    state = json.loads((tmp_path / "run.json").read_text())
+    assert state["stages"]["eval"]["status"] == "done" and list(state["stages"]["eval"]["items"]) == keys
+    # an interrupted attempt with other options keeps nothing: its items were made with the old values
+    with pytest.raises(KeyboardInterrupt):
+        run = Run(tmp_path, _config(**{"eval-tokens": 512}), ["eval"])
+        run.stage("eval", _items_stage(run, keys, [], fail_after=1), log=lambda _m: None)
+    done.clear()
+    run = Run(tmp_path, _config(**{"eval-tokens": 1024}), [])
+    run.stage("eval", _items_stage(run, keys, done), log=lambda _m: None)
+    assert done == keys
+    # --overwrite redoes every item, even those of a finished stage
+    done.clear()
+    run = Run(tmp_path, _config(**{"eval-tokens": 1024}), ["eval"])
+    run.stage("eval", _items_stage(run, keys, done), log=lambda _m: None)
+    assert done == keys
+
+
+def test_run_records_several_kinds_and_refuses_a_changed_list(tmp_path):
+    several = _config(architecture=["topk", "pca"])
+    assert several["architecture"] == ["topk", "pca"] and _config()["architecture"] == "topk"
+    Run(tmp_path, several, []).stage("record", lambda: None, log=lambda _m: None)
+    run = Run(tmp_path, several, [])
+    run.stage("train", lambda: None, log=lambda _m: None)
+    with pytest.raises(UnitscopeError, match=r"--architecture was \['topk', 'pca'\], now \['topk', 'snmf'\]"):
+        Run(tmp_path, _config(architecture=["topk", "snmf"]), [])

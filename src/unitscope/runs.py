@@ -1,11 +1,14 @@
 """Run directory: stages with provenance in run.json, skip-if-done, overwrite a stage and what follows.
 
-Layout: runs/NAME/run.json, store/, dictionaries/ID/, evals/ID/core.json, explain/ID/*.parquet, report/.
+Layout: runs/NAME/run.json, store/, dictionaries/ID/, evals/ID/core.json, explain/ID/*.parquet, compare.parquet,
+compare.png, report/ID/ (one ID per dictionary; a run may make several).
 
 Every option belongs to the earliest stage whose result it can change (STAGE_OPTIONS). A finished stage records
 the options it ran with; rerunning with a different value for an option of a finished stage is refused unless
 `--overwrite` redoes that stage (and, as always, every stage after it). Starting a stage marks the stages after
 it stale, so run.json never calls a result done that was computed from inputs that have since changed.
+A stage that works through several items (one per dictionary) records each finished item (`Run.item`): rerun
+after a kill, it skips those and does the rest, unless the stage is redone, stale, or its options changed.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from .atomic import write_json_atomic
 from .errors import UnitscopeError
 from .versions import versions
 
-STAGES = ("record", "train", "eval", "explain", "report")
+STAGES = ("record", "train", "eval", "explain", "compare", "report")
 STAGE_OPTIONS: dict[str, tuple[str, ...]] = {
     "record": ("model", "dtype", "device", "site", "sites", "corpus", "field", "tokens", "ctx_len", "shard_tokens",
                "record_batch_size"),
@@ -28,6 +31,7 @@ STAGE_OPTIONS: dict[str, tuple[str, ...]] = {
               "train_device", "checkpoint_every", "resample_every", "log_to"),
     "eval": ("eval_tokens", "eval_batch_size"),
     "explain": ("top",),
+    "compare": (),
     "report": (),
 }
 
@@ -60,6 +64,8 @@ class Run:
             first = 0
         self.redo = set(STAGES[first:]) if first is not None else set()
         self.fresh = False
+        self._current: str | None = None  # the stage now running, for item()
+        self._log: Callable[[str], None] = print
         if self.root.exists() and not self.root.is_dir():
             raise UnitscopeError(f"run directory {str(self.root)!r} is an existing file; choose another --name")
         if self.path.is_file():
@@ -113,16 +119,42 @@ class Run:
             return False
         self.fresh = name in self.redo or self.status(name) == "stale"
         log(f"[{name}] running")
-        self.state["stages"][name] = {"status": "running", "started": time.time()}
+        options = {k: self.state["config"].get(k) for k in STAGE_OPTIONS[name]}
+        previous = self.state["stages"].get(name, {})
+        # items an interrupted attempt finished are kept only if it ran with these same options
+        kept = (previous.get("items") or {}) if (not self.fresh and previous.get("status") == "running"
+                                                 and previous.get("options") == options) else {}
+        self.state["stages"][name] = {"status": "running", "started": time.time(), "options": options,
+                                      "items": kept}
+        self._current, self._log = name, log
         for later in STAGES[STAGES.index(name) + 1:]:
             if later in self.state["stages"]:
                 self.state["stages"][later] = {"status": "stale", "reason": f"{name} is being redone"}
         self.save()
         t0 = time.perf_counter()
-        outputs = fn() or {}
-        options = {k: self.state["config"].get(k) for k in STAGE_OPTIONS[name]}
+        try:
+            outputs = fn() or {}
+        finally:
+            self._current = None
+        items = self.state["stages"][name].get("items") or {}
         self.state["stages"][name] = {"status": "done", "seconds": round(time.perf_counter() - t0, 2),
-                                      "finished": time.time(), "options": options, **outputs}
+                                      "finished": time.time(), "options": options, **outputs,
+                                      **({"items": items} if items else {})}
         self.redo.discard(name)
         self.save()
         return True
+
+    def item(self, key: str, fn: Callable[[], dict[str, Any] | None]) -> dict[str, Any]:
+        """Inside a running stage: run `fn` for one item (e.g. one dictionary) unless this attempt of the stage,
+        or an interrupted one with the same options, already finished it; its outputs are saved in run.json."""
+        name = self._current
+        if name is None:
+            raise RuntimeError("Run.item is called only from inside Run.stage")
+        items = self.state["stages"][name]["items"]
+        if key in items:
+            self._log(f"[{name}] {key} already done, skipping")
+            return items[key]
+        out = fn() or {}
+        items[key] = out
+        self.save()
+        return out

@@ -1,13 +1,18 @@
-"""`unitscope run`: every stage, record -> train -> eval -> explain -> report, in one run directory.
+"""`unitscope run`: every stage, record -> train -> eval -> explain -> compare -> report, in one run directory.
 
 Stages already done are skipped; `--overwrite STAGE` redoes it and the stages after it. Every option is written
-to run.json beside the stage it belongs to (see runs.py).
+to run.json beside the stage it belongs to (see runs.py). Several --architecture (and --units, --k) values make
+several dictionaries from the one store: SAE kinds train together on one read of it, fitted kinds (neurons, PCA,
+k-means, semi-NMF) are fitted after, and each later stage covers every dictionary, one item each in run.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from ..errors import UnitscopeError
 from . import inputs, options
@@ -28,23 +33,47 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run_config(args: argparse.Namespace, cfg, sites: list[str]) -> dict:
+def _one_or_all(values: list) -> Any:
+    """A single value as itself (so a one-kind run.json reads as it always has), several as a list."""
+    return values[0] if len(values) == 1 else list(values)
+
+
+def run_config(args: argparse.Namespace, cfgs: list, sites: list[str]) -> dict:
     """Every option of the run, as run.json records it."""
+    cfg = cfgs[0]
     return {"model": args.model, "dtype": args.dtype, "device": args.device, "site": sites[0], "sites": sites,
             "corpus": args.corpus, "field": args.field, "tokens": args.tokens, "ctx_len": args.ctx_len,
             "shard_tokens": args.shard_tokens, "record_batch_size": args.record_batch_size,
-            "architecture": cfg.architecture, "units": cfg.n_units, "k": cfg.k, "lr": cfg.lr,
+            "architecture": _one_or_all(args.architecture), "units": _one_or_all(args.units),
+            "k": _one_or_all(args.k), "lr": cfg.lr,
             "batch_size": cfg.batch_size, "train_tokens": cfg.train_tokens, "seed": cfg.seed,
             "compute_dtype": cfg.compute_dtype, "train_device": cfg.device, "checkpoint_every": cfg.checkpoint_every,
             "resample_every": cfg.resample_every, "log_to": cfg.log_to,
             "eval_tokens": args.eval_tokens, "eval_batch_size": args.eval_batch_size, "top": args.top}
 
 
+def dictionary_plan(cfgs: list, width: int) -> list[tuple[Any, str]]:
+    """Each dictionary the run makes, as (TrainConfig, ID), in the order given.
+
+    Neurons have one unit per coordinate of the site, whatever --units says, and PCA at most that many (a site
+    of width d has d principal components), so `--architecture topk pca neurons` works with one --units."""
+    plan, seen = [], set()
+    for cfg in cfgs:
+        if cfg.architecture == "neurons" or (cfg.architecture == "pca" and cfg.n_units > width):
+            cfg = replace(cfg, n_units=width)
+        did = options.dictionary_id(cfg)
+        if did not in seen:
+            plan.append((cfg, did))
+            seen.add(did)
+    return plan
+
+
 def run(args: argparse.Namespace) -> int:
     from ..atomic import write_json_atomic
+    from ..compare import read_compare
     from ..corpus import Corpus
     from ..dictionaries import fit, load_dictionary
-    from ..dictionaries.train import train
+    from ..dictionaries.train import Trainer, checkpoint_dir, is_transcoder, train, train_together
     from ..evaluate import evaluate_fidelity
     from ..explain import logit_lens, write_tables
     from ..record import record
@@ -52,29 +81,31 @@ def run(args: argparse.Namespace) -> int:
     from ..runs import Run
     from ..store import Store
     from ..subject import load_subject
+    from .compare import print_compare
 
     sites = args.site or [options.DEFAULT_SITE]
     cfgs = options.train_configs(args)
-    if len(cfgs) > 1:
-        raise UnitscopeError("`unitscope run` makes one dictionary; sweep several with `unitscope train`")
-    cfg = cfgs[0]
-    if cfg.architecture in fit.FROM_LABELS:
-        raise UnitscopeError(f"{cfg.architecture} needs labelled text; use `unitscope train --labels`")
+    for c in cfgs:
+        if c.architecture in fit.FROM_LABELS:
+            raise UnitscopeError(f"{c.architecture} needs labelled text; use `unitscope train --labels`")
     root = options.output_dir(Path(args.runs_dir) / args.name)
-    run = Run(root, run_config(args, cfg, sites), overwrite=args.overwrite)
+    run = Run(root, run_config(args, cfgs, sites), overwrite=args.overwrite)
     corpus = Corpus(args.corpus, field=args.field)
     corpus.documents()
     subject = load_subject(args.model, dtype=args.dtype, device=args.device)
     for s in sites:
         subject.site(s)
-    did = options.dictionary_id(cfg)
-    store_dir, dict_dir = root / "store", root / "dictionaries" / did
+    plan = dictionary_plan(cfgs, subject.width(sites[0]))
+    store_dir = root / "store"
     if "record" not in run.redo and (store_dir / "store.json").is_file():  # the run's store is kept: same model?
         manifest = Store.open(store_dir).manifest
         inputs.check_same_model(subject, manifest.get("model_fingerprint"), manifest.get("model"),
                                 f"the run's store at {str(store_dir)!r}")
-    eval_path, explain_dir, report_dir = root / "evals" / did / "core.json", root / "explain" / did, root / "report"
+    report_dir = root / "report"
     progress = not args.quiet
+
+    def dict_dir(did: str) -> Path:
+        return root / "dictionaries" / did
 
     def do_record():
         st = record(subject, corpus, sites, args.tokens, store_dir, ctx_len=args.ctx_len,
@@ -82,38 +113,86 @@ def run(args: argparse.Namespace) -> int:
                     overwrite=run.fresh)
         return {"tokens": st.n_tokens, "shards": st.n_shards}
 
+    def saved(did: str) -> dict:
+        d = load_dictionary(dict_dir(did))
+        return {"path": str(dict_dir(did).relative_to(root)), "architecture": d.architecture, "units": d.n_units}
+
+    def train_one(c, did: str) -> dict:
+        """One SAE or transcoder: resumes from its checkpoint unless the stage starts afresh."""
+        train(store_dir, None if is_transcoder(c.architecture) else sites[0], c, dict_dir(did), progress=progress,
+              overwrite=run.fresh)
+        return saved(did)
+
+    def fit_one(c, did: str) -> dict:
+        print(f"[train] fitting {did}")
+        fit.fit_from_store(Store.open(store_dir), sites[0], c.architecture, c.n_units, subject=subject,
+                           seed=c.seed).save(dict_dir(did))
+        return saved(did)
+
     def do_train():
-        if cfg.architecture in fit.FROM_STORE:
-            fit.fit_from_store(Store.open(store_dir), sites[0], cfg.architecture, cfg.n_units, subject=subject,
-                               seed=cfg.seed).save(dict_dir)
-        else:
-            train(store_dir, sites[0] if "transcoder" not in cfg.architecture else None, cfg, dict_dir,
-                  progress=progress, overwrite=run.fresh)
-        return {"dictionary": str(dict_dir.relative_to(root))}
+        trained = [(c, did) for c, did in plan if c.architecture not in fit.FROM_STORE]
+        done = run.state["stages"]["train"]["items"]
+        together = [(c, did) for c, did in trained if not is_transcoder(c.architecture) and did not in done]
+        if len(together) > 1:  # one read of the store steps every SAE kind
+            if run.fresh:
+                for _, did in together:
+                    shutil.rmtree(checkpoint_dir(dict_dir(did)), ignore_errors=True)
+            train_together([Trainer(Store.open(store_dir), sites[0], c, dict_dir(did), progress=False)
+                            for c, did in together], progress=progress)
+            for _, did in together:
+                run.item(did, lambda did=did: saved(did))
+        for c, did in plan:
+            if c.architecture in fit.FROM_STORE:
+                run.item(did, lambda c=c, did=did: fit_one(c, did))
+            else:  # transcoders, a lone SAE kind, and any member trained together above (already recorded)
+                run.item(did, lambda c=c, did=did: train_one(c, did))
+        return {"dictionaries": [did for _, did in plan]}
 
     def do_eval():
         st = Store.open(store_dir)
         st.check_corpus(corpus)  # held-out windows must follow the recorded ones in the same text
-        result = evaluate_fidelity(subject, load_dictionary(dict_dir), corpus, args.ctx_len,
-                                   start_window=st.n_windows, n_tokens=args.eval_tokens,
-                                   batch_size=args.eval_batch_size, progress=progress)
-        eval_path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(eval_path, result)
-        print_metrics(result)
-        return {"metrics": {k: v for m in result["eval_result_metrics"].values() for k, v in m.items()}}
+        for _, did in plan:
+            def eval_one(did=did):
+                result = evaluate_fidelity(subject, load_dictionary(dict_dir(did)), corpus, args.ctx_len,
+                                           start_window=st.n_windows, n_tokens=args.eval_tokens,
+                                           batch_size=args.eval_batch_size, progress=progress)
+                path = root / "evals" / did / "core.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(path, result)
+                print(f"[eval] {did}: ", end="")
+                print_metrics(result)
+                return {"metrics": {k: v for m in result["eval_result_metrics"].values() for k, v in m.items()}}
+            run.item(did, eval_one)
 
     def do_explain():
-        d = load_dictionary(dict_dir)
-        write_tables(explain_dir, d, Store.open(store_dir), d.input_site or sites[0], subject.tokenizer,
-                     lens=logit_lens(subject, d), top_n=args.top, progress=progress)
+        for _, did in plan:
+            def explain_one(did=did):
+                d = load_dictionary(dict_dir(did))
+                write_tables(root / "explain" / did, d, Store.open(store_dir), d.input_site or sites[0],
+                             subject.tokenizer, lens=logit_lens(subject, d), top_n=args.top, progress=progress)
+            run.item(did, explain_one)
+
+    def do_compare():
+        return print_compare(root)
 
     def do_report():
-        index = write_report(report_dir / did, explain_dir, report_title(did, subject.name, sites[0]),
-                             eval_json=eval_path, info={"model": subject.name, "site": sites[0], "run": str(root)})
-        return {"index": str(index)}
+        ids = {did for _, did in plan}
+        rows = [{**r, "report": f"../{r['dictionary']}/index.html"}
+                if r["dictionary"] in ids or (report_dir / r["dictionary"] / "index.html").is_file() else r
+                for r in read_compare(root) or []]
+        plot = root / "compare.png"
+        indexes = {}
+        for _, did in plan:
+            index = write_report(report_dir / did, root / "explain" / did, report_title(did, subject.name, sites[0]),
+                                 eval_json=root / "evals" / did / "core.json",
+                                 info={"model": subject.name, "site": sites[0], "run": str(root)},
+                                 comparison=rows, comparison_plot=plot if plot.is_file() else None)
+            indexes[did] = str(index)
+        return {"index": indexes[plan[0][1]], "indexes": indexes}
 
     for name, fn in (("record", do_record), ("train", do_train), ("eval", do_eval), ("explain", do_explain),
-                     ("report", do_report)):
+                     ("compare", do_compare), ("report", do_report)):
         run.stage(name, fn)
-    print(f"report: {(report_dir / did / 'index.html').resolve()}")
+    for _, did in plan:
+        print(f"report: {(report_dir / did / 'index.html').resolve()}")
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +104,44 @@ def _metrics_html(evals: dict[str, Any]) -> str:
     return f"<table class=metrics>{cells}</table>"
 
 
+def _comparison_html(rows: list[dict[str, Any]] | None, current: str, plot: bool) -> str:
+    """The run's comparison table (this dictionary's row in bold, the others linked to their reports) and plot."""
+    if not rows:
+        return ""
+    from urllib.parse import quote
+
+    from ..compare import COLUMNS, format_cell
+
+    head = "".join(f"<th>{_esc(h)}</th>" for _, h, _ in COLUMNS)
+    body = []
+    for r in rows:
+        cells = []
+        for c, _, f in COLUMNS:
+            text = _esc(format_cell(r.get(c), f))
+            if c == "dictionary" and r.get("report") and r.get("dictionary") != current:
+                text = f'<a href="{_esc(quote(str(r["report"])))}">{text}</a>'
+            cells.append(f"<td{'' if c in ('dictionary', 'kind') else ' class=num'}>{text}</td>")
+        style = ' style="font-weight:600"' if r.get("dictionary") == current else ""
+        body.append(f"<tr{style}>{''.join(cells)}</tr>")
+    img = '<p><img src="compare.png" alt="FVU against L0 of every dictionary in the run" width=640></p>' if plot else ""
+    return (f"<h2>Every dictionary in this run</h2><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}"
+            f"</tbody></table><p class=meta>CE rec: CE loss recovered (zero ablation at every position); unique / "
+            f"unique E: fraction of codes meeting the uniqueness condition, whitened / Euclidean inner product; "
+            f"label F1: mean over units.</p>{img}")
+
+
 def _peak(ex: dict[str, Any]) -> int:
     return int(np.argmin(ex["acts"]) if ex.get("kind") == "bottom" else np.argmax(ex["acts"]))
 
 
 def write_report(out: str | Path, explain_dir: str | Path, title: str, eval_json: str | Path | None = None,
-                 info: dict[str, Any] | None = None) -> Path:
-    """Write the static browser into `out` (replaced whole, in one step); returns the path of index.html."""
+                 info: dict[str, Any] | None = None, comparison: list[dict[str, Any]] | None = None,
+                 comparison_plot: str | Path | None = None) -> Path:
+    """Write the static browser into `out` (replaced whole, in one step); returns the path of index.html.
+
+    `comparison`: the run's compare rows (unitscope.compare), shown on the index with this dictionary's row
+    (the one named `out.name`) in bold; a row's `report` key, if any, links it. `comparison_plot`: the run's
+    compare.png, copied into the report so that the folder stands alone."""
     out, explain_dir = Path(out), recover(explain_dir)
     units = pq.read_table(explain_dir / "units.parquet").to_pylist()
     examples = pq.read_table(explain_dir / "examples.parquet").to_pylist()
@@ -118,8 +150,10 @@ def write_report(out: str | Path, explain_dir: str | Path, title: str, eval_json
     for ex in examples:
         by_unit.setdefault(ex["unit"], []).append(ex)
 
-    with replace_dir(out, {"index.html", "units"}) as tmp:
+    with replace_dir(out, {"index.html", "units", "compare.png"}) as tmp:
         (tmp / "units").mkdir()
+        if comparison and comparison_plot:
+            shutil.copyfile(comparison_plot, tmp / "compare.png")
         rows = []
         for u in units:
             exs = by_unit.get(u["unit"], [])
@@ -140,6 +174,7 @@ def write_report(out: str | Path, explain_dir: str | Path, title: str, eval_json
         info_html = "".join(f"<div class=meta>{_esc(k)}: {_esc(str(v))}</div>" for k, v in (info or {}).items())
         page = f"""<!doctype html><html><head><meta charset=utf-8><title>{_esc(title)}</title>
 <style>{CSS}</style></head><body><h1>{_esc(title)}</h1>{info_html}{_metrics_html(evals)}
+{_comparison_html(comparison, out.name, bool(comparison_plot))}
 <h2>Units</h2>
 <p><input id=q placeholder="search by token (top examples, promoted tokens)"> <span id=n class=meta></span></p>
 <table><thead><tr><th onclick="sortBy('unit')">unit</th><th onclick="sortBy('frequency')">frequency</th>
