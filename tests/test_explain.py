@@ -265,7 +265,8 @@ def crash_after(monkeypatch, n: int):
         return inner
 
     with monkeypatch.context() as m:
-        for owner, name in ((pq, "write_table"), (pq.ParquetWriter, "close"), (Path, "write_text"), (Path, "replace"), (Path, "rename"),
+        for owner, name in ((pq, "write_table"), (pq.ParquetWriter, "close"), (Path, "write_text"),
+                            (Path, "replace"), (Path, "rename"),
                             (atomic.os, "replace"), (atomic.os, "rename"), (atomic, "_exchange")):
             m.setattr(owner, name, wrap(getattr(owner, name)))
         yield calls

@@ -109,10 +109,10 @@ class ConceptCounter:
     def _bigram(self, g: np.ndarray) -> np.ndarray:
         return self.tokens[g - 1] * self.v + self.tokens[g]
 
-    def update(self, first: int, codes: torch.Tensor) -> None:
-        """codes [w, ctx, u] of windows first .. first + w - 1 (0 at excluded positions)."""
-        w = codes.shape[0]
-        rows, cols = (codes.reshape(-1, self.u) != 0).nonzero(as_tuple=True)
+    def update(self, first: int, w: int, nonzero: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """The firings of windows first .. first + w - 1: nonzero = (rows, cols) of their non-zero codes in the
+        [w * ctx, units] code matrix (0 at excluded positions)."""
+        rows, cols = nonzero
         g = rows.numpy().astype(np.int64) + first * self.ctx
         cols = cols.numpy().astype(np.int64)
         split = max(0, min(w, self.train_windows - first)) * self.ctx + first * self.ctx

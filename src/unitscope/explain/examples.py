@@ -92,17 +92,28 @@ def _fmix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def sample_key(seed: int, units: torch.Tensor | np.ndarray, windows: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """The sampling priority of (unit, window): a 31-bit hash in the high half, the window in the low half.
-
-    The smallest keys of a set are a uniform sample of it without replacement; ties cannot occur.
-    """
+def unit_salt(seed: int, units: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A 31-bit pseudo-random salt per unit (murmur3 finaliser of unit and seed)."""
     units = torch.as_tensor(units, dtype=torch.int64)
-    windows = torch.as_tensor(windows, dtype=torch.int64)
     s = _fmix(torch.tensor(seed & _M32, dtype=torch.int64) ^ 0x2545F491)
-    hu = _fmix((units * 0x9E3779B1 + s) & _M32)
-    h = _fmix((hu ^ ((windows * 0x85EBCA77) & _M32)) & _M32)
-    return ((h & 0x7FFFFFFF) << 32) | (windows & _M32)
+    return _fmix((units * 0x9E3779B1 + s) & _M32) & 0x7FFFFFFF
+
+
+def window_hash(seed: int, windows: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A 31-bit pseudo-random hash per window."""
+    windows = torch.as_tensor(windows, dtype=torch.int64)
+    s = _fmix(torch.tensor((seed + 0x6A09E667) & _M32, dtype=torch.int64))
+    return _fmix(((windows * 0x85EBCA77) ^ s) & _M32) & 0x7FFFFFFF
+
+
+def sample_key(seed: int, units: torch.Tensor | np.ndarray, windows: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """The sampling priority of (unit, window): window_hash XOR unit_salt in the high half, the window in the
+    low half (so keys never tie). The smallest keys of a set are a pseudo-random sample of it without
+    replacement, in a different order for each unit; XOR with a per-unit salt (rather than hashing every
+    pair) lets a batch compare all its [windows, units] keys against the thresholds in three vector ops.
+    """
+    windows = torch.as_tensor(windows, dtype=torch.int64)
+    return ((window_hash(seed, windows) ^ unit_salt(seed, units)) << 32) | (windows & _M32)
 
 
 def pow2_exponent(x: torch.Tensor) -> torch.Tensor:
@@ -208,13 +219,15 @@ class StreamingPass:
         self.q_slots = torch.full((u * Q_CELLS, max(1, quantile_n)), _INF, dtype=torch.int64)
         self.r_slots = torch.full((u, max(1, random_n)), _INF, dtype=torch.int64)
         self.capture = _Capture()
+        self.salt = unit_salt(seed, self.unit_ids)
 
     # ---- per batch ------------------------------------------------------------------------------------
-    def update(self, first: int, codes: torch.Tensor, valid: torch.Tensor) -> None:
-        """codes [w, ctx, u] (0 at excluded positions), valid [w, ctx]; windows first .. first + w - 1."""
+    def update(self, first: int, codes: torch.Tensor, valid: torch.Tensor,
+               nonzero: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """codes [w, ctx, u] (0 at excluded positions), valid [w, ctx], nonzero: (rows, cols) of the non-zero
+        codes in codes.view(-1, u); windows first .. first + w - 1."""
         w, _ctx, u = codes.shape
         flat = codes.view(-1, u)
-        self.total += flat.sum(0, dtype=torch.float64)
         excluded = (~valid).reshape(-1).nonzero()[:, 0]
         if len(excluded):  # extremes over included positions only: overwrite the excluded rows, then restore
             flat[excluded] = -torch.inf
@@ -226,7 +239,7 @@ class StreamingPass:
             wmax, wmin = codes.amax(dim=1), codes.amin(dim=1)
         self.vmax = torch.maximum(self.vmax, wmax.amax(0))
         self.vmin = torch.minimum(self.vmin, wmin.amin(0))
-        self._histogram(flat, wmax, wmin)
+        self._histogram(flat, wmax, wmin, nonzero)
         ids = torch.arange(first, first + w)[:, None].expand(w, u)
         self.top_vals, self.top_win = _merge_sorted(self.top_vals, self.top_win, wmax, ids, self.top_n)
         new_top = (self.top_win >= first).nonzero(as_tuple=True)
@@ -236,19 +249,23 @@ class StreamingPass:
             new_bot = (self.bot_win >= first).nonzero(as_tuple=True)
             cap_w.append(self.bot_win[new_bot] - first)
             cap_u.append(new_bot[1])
+        win = torch.arange(first, first + w)
+        hw = window_hash(self.seed, win)
         if self.quantile_n:
-            qw, qu = self._quantiles(first, wmax)
+            qw, qu = self._quantiles(first, wmax, hw)
             cap_w.append(qw)
             cap_u.append(qu)
         if self.random_n:
-            inactive = (wmax == 0) & (wmin == 0) & valid.any(1)[:, None]
+            keys = ((hw[:, None] ^ self.salt[None, :]) << 32) | win[:, None]
+            inactive = (wmax == 0) & (wmin == 0) & valid.any(1)[:, None] & (keys < self.r_slots[None, :, -1])
             wi, ui = inactive.nonzero(as_tuple=True)
-            _offer(self.r_slots, ui, sample_key(self.seed, self.unit_ids[ui], wi + first))
+            _offer(self.r_slots, ui, keys[wi, ui])
         self.capture.add(codes, first, torch.cat(cap_w), torch.cat(cap_u))
         if self.capture.size > self.capture.cap:
             self.capture.prune(self._live())
 
-    def _histogram(self, flat: torch.Tensor, wmax: torch.Tensor, wmin: torch.Tensor) -> None:
+    def _histogram(self, flat: torch.Tensor, wmax: torch.Tensor, wmin: torch.Tensor,
+                   nonzero: tuple[torch.Tensor, torch.Tensor]) -> None:
         absmax = torch.maximum(wmax.amax(0).clamp(min=0), (-wmin.amin(0)).clamp(min=0))
         seen = absmax > 0
         e = torch.maximum(self.h_exp, torch.where(seen, pow2_exponent(absmax.clamp(min=1e-38)), NO_EXP))
@@ -261,13 +278,15 @@ class StreamingPass:
             merged.scatter_add_(1, target, self.h_counts[grown])
             self.h_counts[grown] = merged
         self.h_exp = e
-        rows, cols = flat.nonzero(as_tuple=True)
+        rows, cols = nonzero
         if len(rows):
-            cell = fine_cell(flat[rows, cols], e[cols], H_CELLS) + H_CELLS
+            vals = flat[rows, cols].double()
+            self.total.index_add_(0, cols, vals)  # only firing codes add to the sum: exact in float64
+            cell = fine_cell(vals, e[cols], H_CELLS) + H_CELLS
             self.h_counts.view(-1).index_add_(0, cols * (2 * H_CELLS) + cell,
                                               torch.ones(len(cell), dtype=torch.int32))
 
-    def _quantiles(self, first: int, wmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _quantiles(self, first: int, wmax: torch.Tensor, hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bmax = wmax.amax(0)
         seen = bmax > 0
         e = torch.maximum(self.q_exp, torch.where(seen, pow2_exponent(bmax.clamp(min=1e-38)), NO_EXP))
@@ -284,7 +303,7 @@ class StreamingPass:
         self.q_exp = e
         wi, ui = (wmax > 0).nonzero(as_tuple=True)
         cell = fine_cell(wmax[wi, ui], e[ui], Q_CELLS)
-        keys = sample_key(self.seed, self.unit_ids[ui], wi + first)
+        keys = ((hw[wi] ^ self.salt[ui]) << 32) | (wi + first)
         passed = _offer(self.q_slots, ui * Q_CELLS + cell, keys)
         return wi[passed], ui[passed]
 
@@ -474,8 +493,9 @@ def write_tables(out: str | Path, dictionary: Dictionary, store: Store, site: st
     with torch.inference_mode():
         for first, codes, valid in encode_windows(dictionary, store, site, mask, wpb, progress, "explain",
                                                   None if u == dictionary.n_units else cols):
-            concepts.update(first, codes)
-            acc.update(first, codes, valid)
+            nonzero = codes.view(-1, u).nonzero(as_tuple=True)
+            concepts.update(first, codes.shape[0], nonzero)
+            acc.update(first, codes, valid, nonzero)
         st = acc.finish()
     concept_table = concepts.finish(tokenizer)
 

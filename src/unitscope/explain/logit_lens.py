@@ -21,8 +21,8 @@ from .examples import check_units
 @torch.inference_mode()
 def logit_lens(subject: Subject, dictionary: Dictionary, top: int = 10, chunk: int = 512,
                units: Sequence[int] | None = None) -> dict[str, list[Any]]:
-    """Per unit (all, or `units`, sorted as `write_tables` orders them): the `top` tokens its direction promotes and suppresses most,
-    with their logits.
+    """Per unit (all, or `units`, sorted as `write_tables` orders them): the `top` tokens its direction
+    promotes and suppresses most, with their logits.
 
     Returns None entries when the directions do not live in the residual stream (their width differs
     from the unembedding's input).
