@@ -413,3 +413,10 @@ def test_report_refuses_stale_tables(tmp_path):
     (run / "run.json").write_text(json.dumps({"config": {}, "stages": {"explain": {"status": "stale"}}}))
     _fails(run_cli("report", run), "explain stage", "is stale")
     assert not (run / "report").exists()
+
+
+@pytest.mark.parametrize("kinds,words", [(["topk", "diffmean"], ["diffmean needs labelled text"]),
+                                         (["topk", "snmf:x"], ["'snmf:x'", "not a whole number"])])
+def test_run_refuses_kinds_it_cannot_make_before_any_work(tmp_path, kinds, words):
+    _fails(run_cli("run", "--architecture", *kinds, "--runs-dir", tmp_path / "runs"), *words)
+    assert not (tmp_path / "runs").exists()

@@ -144,3 +144,24 @@ def test_run_records_several_kinds_and_refuses_a_changed_list(tmp_path):
     run.stage("train", lambda: None, log=lambda _m: None)
     with pytest.raises(UnitscopeError, match=r"--architecture was \['topk', 'pca'\], now \['topk', 'snmf'\]"):
         Run(tmp_path, _config(architecture=["topk", "snmf"]), [])
+
+
+def test_the_dictionaries_a_run_makes_from_several_kinds():
+    from unitscope.commands.run import dictionary_plan, run_configs
+
+    def plan(*argv, width=64):
+        args = build_parser().parse_args(["run", *argv])
+        return [did for _, did in dictionary_plan(run_configs(args), width)]
+
+    # neurons: one unit per coordinate of the site; PCA: at most that many; KIND:UNITS overrides --units
+    assert plan("--architecture", "topk", "pca", "neurons", "snmf:16", "--units", "128", "--k", "4") == \
+        ["topk-128-k4", "pca-64", "neurons-64", "snmf-16"]
+    assert plan("--architecture", "pca", "neurons", "--units", "16", "32") == ["pca-16", "pca-32", "neurons-64"]
+    assert plan("--architecture", "topk:64", "batchtopk", "--units", "256", "--k", "8", "16") == \
+        ["topk-64-k8", "topk-64-k16", "batchtopk-256-k8", "batchtopk-256-k16"]
+    with pytest.raises(UnitscopeError, match="'snmf:0'.*positive whole number"):
+        plan("--architecture", "snmf:0")
+    with pytest.raises(UnitscopeError, match="k=32 is not valid for 16 units"):
+        plan("--architecture", "topk:16")
+    with pytest.raises(UnitscopeError, match="unknown architecture 'nmf'"):
+        plan("--architecture", "nmf:16")

@@ -28,6 +28,7 @@ def add_parser(sub) -> None:
     options.add_model(p)
     options.add_record(p, defaults=True)
     options.add_train(p)
+    p._option_string_actions["--architecture"].help += "; KIND:UNITS gives one kind its own units (e.g. snmf:256)"
     options.add_eval(p)
     p.add_argument("--top", type=options.positive_int, default=20, help="top examples per unit")
     p.set_defaults(func=run)
@@ -50,6 +51,29 @@ def run_config(args: argparse.Namespace, cfgs: list, sites: list[str]) -> dict:
             "compute_dtype": cfg.compute_dtype, "train_device": cfg.device, "checkpoint_every": cfg.checkpoint_every,
             "resample_every": cfg.resample_every, "log_to": cfg.log_to,
             "eval_tokens": args.eval_tokens, "eval_batch_size": args.eval_batch_size, "top": args.top}
+
+
+def run_configs(args: argparse.Namespace) -> list:
+    """options.train_configs, where an --architecture value may name its own units as KIND:UNITS.
+
+    One --units rarely suits every kind: `--architecture topk snmf:256 neurons --units 4608` trains a 4608-unit
+    TopK SAE and fits a 256-unit semi-NMF (whose cost grows with its units far faster than an SAE's)."""
+    kinds, own = [], {}
+    for value in args.architecture:
+        kind, sep, units = value.partition(":")
+        if sep:
+            try:
+                own.setdefault(kind, []).append(options.positive_int(units))
+            except argparse.ArgumentTypeError as e:
+                raise UnitscopeError(f"--architecture {value!r}: the units after ':' {e}") from None
+        kinds.append(kind)
+    cfgs = []
+    for cfg in options.train_configs(argparse.Namespace(**{**vars(args), "architecture": list(dict.fromkeys(kinds))})):
+        for n in own.get(cfg.architecture, [cfg.n_units]):
+            cfg = replace(cfg, n_units=n)
+            cfg.validate()
+            cfgs.append(cfg)
+    return cfgs
 
 
 def dictionary_plan(cfgs: list, width: int) -> list[tuple[Any, str]]:
@@ -84,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from .compare import print_compare
 
     sites = args.site or [options.DEFAULT_SITE]
-    cfgs = options.train_configs(args)
+    cfgs = run_configs(args)
     for c in cfgs:
         if c.architecture in fit.FROM_LABELS:
             raise UnitscopeError(f"{c.architecture} needs labelled text; use `unitscope train --labels`")
