@@ -83,7 +83,11 @@ def child(store: Path, units: int, k: int, threads: int, out: Path) -> dict:
     with torch.no_grad():  # unit-norm random directions, encoder = decoder transpose (a typical init)
         sae.W_dec.copy_(torch.nn.functional.normalize(torch.randn(units, d), dim=1))
         sae.W_enc.copy_(sae.W_dec.t())
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (VmHWM)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (VmHWM)
+        reset = True
+    except OSError:  # a kernel without it: the peak then covers the child's whole life (an over-estimate)
+        reset = False
     before = _rss_kb("VmRSS")
     t0 = time.perf_counter()
     write_tables(out, sae, st, "s", StubTokenizer(), progress=False)
@@ -92,7 +96,8 @@ def child(store: Path, units: int, k: int, threads: int, out: Path) -> dict:
     return {"units": units, "tokens": st.n_tokens, "wall_s": round(wall, 2),
             "tokens_per_s": round(st.n_tokens / wall, 1), "rss_before_mb": round(before / 1024, 1),
             "peak_rss_mb_beyond_model": round((peak - before) / 1024, 1),
-            "examples_mb": round((out / "examples.parquet").stat().st_size / 2 ** 20, 1), "threads": threads}
+            "examples_mb": round((out / "examples.parquet").stat().st_size / 2 ** 20, 1), "threads": threads,
+            "peak_reset": reset}
 
 
 def main() -> int:
@@ -130,7 +135,7 @@ def main() -> int:
         print(f"units: {u}  tokens: {res['tokens']}  wall_s: {res['wall_s']}  tokens_per_s: {res['tokens_per_s']}  "
               f"examples_mb: {res['examples_mb']}", flush=True)
         print(f"peak_rss_mb_beyond_model: {res['peak_rss_mb_beyond_model']}  (units {u}, rss before "
-              f"{res['rss_before_mb']} MB)", flush=True)
+              f"{res['rss_before_mb']} MB{'' if res['peak_reset'] else '; peak not reset: whole child'})", flush=True)
     return 0
 
 

@@ -48,7 +48,7 @@ class _Counts:
     def add(self, keys: np.ndarray) -> None:
         if len(keys):
             k, c = np.unique(keys, return_counts=True)
-            self.chunks.append((k, c))
+            self.chunks.append((k, c.astype(np.int32)))
             self.size += len(k)
             if self.size > self.max_pairs:
                 self._merge()
@@ -58,8 +58,9 @@ class _Counts:
             keys = np.concatenate([k for k, _ in self.chunks])
             counts = np.concatenate([c for _, c in self.chunks])
             k, inv = np.unique(keys, return_inverse=True)
-            self.chunks = [(k, np.bincount(inv, weights=counts).astype(np.int64))]
-        k, c = self.chunks[0] if self.chunks else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+            self.chunks = [(k, np.bincount(inv, weights=counts).astype(np.int32))]
+            del keys, counts, inv
+        k, c = self.chunks[0] if self.chunks else (np.zeros(0, np.int64), np.zeros(0, np.int32))
         floor = 1
         while len(k) > self.max_pairs // 2:  # drop the rarest until half the budget is free
             keep = c > floor
@@ -89,7 +90,7 @@ class ConceptCounter:
 
     def __init__(self, unit_ids: torch.Tensor, tokens: np.ndarray, mask: np.ndarray, ctx: int, n_windows: int,
                  heldout_fraction: float = 0.2, min_count: int = 2, min_precision: float = 0.5,
-                 max_pairs: int = 1 << 24):
+                 max_pairs: int = 1 << 22):
         self.unit_ids = unit_ids.numpy().astype(np.int64)
         self.u = len(self.unit_ids)
         self.tokens, self.mask, self.ctx = tokens.astype(np.int64), mask, ctx
