@@ -2,6 +2,8 @@
 
     python benchmarks/train_throughput.py            # the real run (estimated ~40 min on an idle 2-core machine)
     python benchmarks/train_throughput.py --quick    # tiny budgets, a couple of minutes: for development
+    python benchmarks/train_throughput.py --device cuda --skip quality --peers sparsify \
+        --rows ROWS.safetensors --peer-env current      # a GPU machine with the peers installed beside unitscope
 
 1. Environments: each peer gets its own virtual environment, made on first use and cached under unitscope's cache
    directory (benchmarks/peers/envs.py: torch==2.13.0 CPU first, then the pinned peer).
@@ -58,15 +60,23 @@ CTX = 128
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with {torch.get_num_threads()} "
+    gpu = f", GPU {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {os.cpu_count()} logical CPUs{gpu}, torch {torch.__version__} with {torch.get_num_threads()} "
             f"threads, Python {platform.python_version()}, {platform.system()} {platform.release()}")
 
 
-def prepare(work: Path, tokens: int) -> dict:
-    """Record the activations once (cached in `work`) and write the scaled training rows as safetensors."""
+def prepare(work: Path, tokens: int, rows: str | None = None) -> dict:
+    """Record the activations once (cached in `work`) and write the scaled training rows as safetensors; or take
+    already scaled rows from `rows` (e.g. on a GPU machine that cannot load the default model)."""
     meta_path = work / "data.json"
     if meta_path.is_file():
         return json.loads(meta_path.read_text())
+    if rows:
+        x = load_file(rows)["x"].float().contiguous()
+        save_file({"x": x}, str(work / "train.safetensors"))
+        meta = {"scale": None, "rows": len(x), "windows": None, "recorded_tokens": None, "from": rows}
+        meta_path.write_text(json.dumps(meta))
+        return meta
     subject = load_subject("default")
     store = record(subject, Corpus("default"), [SITE], tokens, work / "store", ctx_len=CTX, progress=True)
     mask = training_mask(store.column("tokens"), store.column("pos"), np.asarray(store.manifest["specials"]))
@@ -79,8 +89,11 @@ def prepare(work: Path, tokens: int) -> dict:
     return meta
 
 
+PEER_ENV = "venvs"  # or "current": the peers are installed in this interpreter's environment (--peer-env)
+
+
 def trainer_command(lib: str) -> list[str]:
-    py = sys.executable if lib.startswith("unitscope") else str(peer_python(lib))
+    py = sys.executable if lib.startswith("unitscope") or PEER_ENV == "current" else str(peer_python(lib))
     script = "unitscope_train.py" if lib.startswith("unitscope") else f"{lib}_train.py"
     return [py, str(HERE / "peers" / script)]
 
@@ -89,7 +102,8 @@ def run_trainer(lib: str, spec: dict, work: Path, threads: int = 0) -> dict | No
     """One training run in its own process (its own environment); None (and the error) if it failed."""
     spec_path = work / f"spec-{lib}.json"
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": str(HERE / "peers"), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    path = os.pathsep.join(p for p in (str(HERE / "peers"), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     p = subprocess.run([*trainer_command(lib), str(spec_path)], capture_output=True, text=True, env=env,
                        cwd=HERE / "peers")
     if p.returncode != 0:
@@ -99,11 +113,12 @@ def run_trainer(lib: str, spec: dict, work: Path, threads: int = 0) -> dict | No
 
 
 def throughput(args, work: Path) -> None:
-    auto = resolve_compute_dtype("auto", "cpu")
+    auto = resolve_compute_dtype("auto", args.device)
     runs = {"unitscope": "auto", "unitscope-float32": "float32", **{p: None for p in args.peers}}
     print(f"\n== throughput: TopK SAE 576 -> {args.units}, k = {args.k}, batch {args.batch}, {args.steps} steps, "
           f"the first {args.warm} left out of every timer; unitscope's default compute dtype auto = "
-          f"{auto or torch.float32}; peers float32; {args.reps} interleaved repetitions; "
+          f"{auto or torch.float32}; peers with their own defaults (float32 on CPU; sparsify autocasts its forward to "
+          f"bfloat16 on CUDA); device {args.device}; {args.reps} interleaved repetitions; "
           f"{args.threads or torch.get_num_threads()} threads per trainer", flush=True)
     data = work / f"throughput-{args.batch * args.steps}.safetensors"
     if not data.is_file():  # only the rows the runs use, so peak memory is the trainer's, not the data set's
@@ -116,7 +131,8 @@ def throughput(args, work: Path) -> None:
         for name in order:
             spec = {"data": str(data), "out": str(work / "tp" / name),
                     "result": str(work / "tp" / f"{name}.json"), "units": args.units, "k": args.k,
-                    "batch": args.batch, "steps": args.steps, "warm": args.warm, "seed": 0, "site": SITE}
+                    "batch": args.batch, "steps": args.steps, "warm": args.warm, "seed": 0, "site": SITE,
+                    "device": args.device}
             if runs[name]:
                 spec["compute_dtype"] = runs[name]
             (work / "tp").mkdir(exist_ok=True)
@@ -124,8 +140,9 @@ def throughput(args, work: Path) -> None:
             if r:
                 results[name].append(r)
                 cpu = r.get("tokens_per_cpu_s", float("nan"))
+                gpu = f"  peak GPU {r['peak_gpu_mb']:6.0f} MB" if "peak_gpu_mb" in r else ""
                 print(f"  rep {rep} {name:<20} {r['tokens_per_s']:8.0f} tokens/s {cpu:8.0f} tokens/CPU-s  "
-                      f"peak RSS {r['peak_rss_mb']:6.0f} MB", flush=True)
+                      f"peak RSS {r['peak_rss_mb']:6.0f} MB{gpu}", flush=True)
     for key, unit, label in (("tokens_per_s", "tokens/s", ""), ("tokens_per_cpu_s", "tokens/CPU-s", " (CPU time)")):
         med = {n: statistics.median(r[key] for r in rs) for n, rs in results.items() if rs and key in rs[0]}
         print(f"medians of {unit}" + (": wall clock" if not label else
@@ -138,7 +155,7 @@ def throughput(args, work: Path) -> None:
                       f"  (reps: {reps})")
         for ours, what in (("unitscope", f"default path (unitscope compute dtype auto = {auto or torch.float32})"),
                            ("unitscope-float32", "float32 path (unitscope compute dtype float32)")):
-            print(f"{what} vs peers (float32){label}:")
+            print(f"{what} vs peers (their defaults){label}:")
             for peer in args.peers:
                 value = f"{med[ours] / med[peer]:.2f}" if ours in med and peer in med else "n/a (a run failed)"
                 print(f"ratio{label} {ours}/{peer}: {value}")
@@ -239,7 +256,19 @@ def main() -> None:
                     help="quality: torch threads per trainer (default: torch's); 1 is fastest on a busy machine")
     ap.add_argument("--skip", action="append", default=[], choices=["throughput", "quality"])
     ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers to compare (default: all)")
+    ap.add_argument("--device", default="cpu", help="training device for every trainer: cpu (default) or cuda")
+    ap.add_argument("--rows", default=None, help="already scaled float rows (safetensors, tensor 'x') to train on "
+                    "instead of recording the default model (throughput only)")
+    ap.add_argument("--peer-env", choices=["venvs", "current"], default="venvs",
+                    help="venvs: each peer in its own cached venv (default); current: peers installed here")
     args = ap.parse_args()
+    global PEER_ENV
+    PEER_ENV = args.peer_env
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available on this machine")
+    if args.rows and "quality" not in args.skip:
+        ap.error("--rows trains on given rows without the model; the quality section needs the model: add "
+                 "--skip quality")
     args.peers = [p for p in args.peers.split(",") if p]
     unknown = set(args.peers) - set(PEERS)
     if unknown:
@@ -247,19 +276,22 @@ def main() -> None:
     if args.quick:
         args.record_tokens, args.units, args.batch, args.steps, args.warm, args.reps = 16384, 1024, 512, 4, 1, 1
         args.quality_units, args.quality_batch, args.quality_tokens, args.eval_tokens = 512, 512, 4096, 512
-    work = Path(args.work or f"/tmp/unitscope-train-bench{'-quick' if args.quick else ''}") / f"r{args.record_tokens}"
+    data_key = f"rows-{Path(args.rows).stem}" if args.rows else f"r{args.record_tokens}"
+    work = Path(args.work or f"/tmp/unitscope-train-bench{'-quick' if args.quick else ''}") / data_key
     work.mkdir(parents=True, exist_ok=True)
     print(f"command: python benchmarks/train_throughput.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"machine: {machine()}", flush=True)
     t0 = time.perf_counter()
     for peer in args.peers:
-        print(f"peer {peer}: {' '.join(PEERS[peer])} in {peer_python(peer).parent.parent}", flush=True)
+        where = "this environment" if PEER_ENV == "current" else peer_python(peer).parent.parent
+        print(f"peer {peer}: {' '.join(PEERS[peer])} in {where}", flush=True)
     print(f"peer environments ready in {time.perf_counter() - t0:.0f} s", flush=True)
     t0 = time.perf_counter()
-    meta = prepare(work, args.record_tokens)
-    print(f"data: {meta['rows']} training rows of {SITE} from {meta['windows']} windows of the default corpus "
-          f"(ready in {time.perf_counter() - t0:.0f} s; cached in {work})", flush=True)
+    meta = prepare(work, args.record_tokens, args.rows)
+    source = f"given in {args.rows}" if args.rows else f"from {meta['windows']} windows of the default corpus"
+    print(f"data: {meta['rows']} training rows of {SITE} {source} (ready in {time.perf_counter() - t0:.0f} s; "
+          f"cached in {work})", flush=True)
     if "throughput" not in args.skip:
         throughput(args, work)
     if "quality" not in args.skip:

@@ -64,18 +64,25 @@ def peak_rss_mb():
 def main(build):
     spec = json.loads(Path(sys.argv[1]).read_text())
     torch.manual_seed(spec["seed"])
+    device = spec.get("device", "cpu")
     x = load_rows(spec["data"])
+    if device != "cpu":  # the whole data set on the device up front: no host-to-device copy inside a timer
+        x = x.to(device)
+    # CUDA runs asynchronously: wait for the batch gather before a timer starts and for the step before it stops
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     step, save, reconstruct = build(x, spec)
     warm, timed, cpu = spec["warm"], 0.0, 0.0
     for i, xb in enumerate(batches(x, spec["batch"], spec["steps"], spec["seed"])):
+        sync()
         t0, c0 = time.perf_counter(), time.process_time()
         step(i, xb)
+        sync()
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
         if i >= warm:
             timed += dt
             cpu += dc
     save(Path(spec["out"]))
-    probe = x[:256]
+    probe = x[:256].cpu()  # every library's own inference on what it saved, on the CPU
     with torch.no_grad():
         save_file({"x": probe.contiguous(), "recon": reconstruct(probe).float().contiguous()},
                   str(Path(spec["out"]) / "probe.safetensors"))
@@ -83,7 +90,8 @@ def main(build):
     result = {"seconds": timed, "timed_steps": n_timed, "tokens": n_timed * spec["batch"],
               "tokens_per_s": n_timed * spec["batch"] / max(timed, 1e-9), "cpu_seconds": cpu,
               "tokens_per_cpu_s": n_timed * spec["batch"] / max(cpu, 1e-9), "peak_rss_mb": peak_rss_mb(),
-              "torch": torch.__version__, "threads": torch.get_num_threads()}
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device,
+              **({"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if device.startswith("cuda") else {})}
     tmp = spec["result"] + ".tmp"
     Path(tmp).write_text(json.dumps(result))
     os.replace(tmp, spec["result"])

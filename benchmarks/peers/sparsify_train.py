@@ -17,13 +17,14 @@ from sparsify.sign_sgd import SignSGD
 def build(x, spec):
     tcfg = TrainConfig(SparseCoderConfig(num_latents=spec["units"], k=spec["k"]))
     torch.manual_seed(spec["seed"])
-    sae = SparseCoder(x.shape[1], tcfg.sae, "cpu", dtype=torch.float32)
+    device = spec.get("device", "cpu")
+    sae = SparseCoder(x.shape[1], tcfg.sae, device, dtype=torch.float32)
     if (tcfg.optimizer, tcfg.lr, tcfg.auxk_alpha) != ("signum", None, 0.0):
         raise SystemExit(f"sparsify's training defaults changed ({tcfg}); update this script to follow them")
     opt = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(), lr=5e-3 / (sae.num_latents / 2**14) ** 0.5)]),
                               momentum=0.95)
     opt.train()
-    since_fired = torch.zeros(sae.num_latents, dtype=torch.long)
+    since_fired = torch.zeros(sae.num_latents, dtype=torch.long, device=device)
 
     def step(i, xb):
         if i == 0:
@@ -31,7 +32,7 @@ def build(x, spec):
         sae.set_decoder_norm_to_unit_norm()
         total_variance = (xb - xb.mean(0)).pow(2).sum()
         out = sae(x=xb, y=xb, dead_mask=None, total_variance=total_variance)
-        did_fire = torch.zeros(sae.num_latents, dtype=torch.bool)
+        did_fire = torch.zeros(sae.num_latents, dtype=torch.bool, device=device)
         did_fire[out.latent_indices.flatten()] = True
         out.fvu.backward()
         sae.remove_gradient_parallel_to_decoder_directions()

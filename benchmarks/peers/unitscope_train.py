@@ -29,7 +29,7 @@ class ArraySource:
 def build(x, spec):
     cfg = TrainConfig(n_units=spec["units"], k=spec["k"], batch_size=spec["batch"],
                       train_tokens=spec["batch"] * spec["steps"], compute_dtype=spec.get("compute_dtype", "auto"),
-                      checkpoint_every=10**9)
+                      checkpoint_every=10**9, device=spec.get("device", "cpu"))
     trainer = Trainer(ArraySource(x, spec), spec.get("site", "site"), cfg, spec["out"], progress=False)
     trainer.begin()
 
