@@ -10,6 +10,7 @@ import sys
 
 from .commands import MODULES
 from .commands import compare as compare_command
+from .commands import label as label_command
 from .commands import synthetic as synthetic_command
 from .commands.options import Parser
 from .errors import UnitscopeError
@@ -26,7 +27,7 @@ def build_parser() -> Parser:
         return add(name, parents=[common], **kw)
 
     sub.add_parser = add_parser  # type: ignore[method-assign]
-    for module in (*MODULES, synthetic_command, compare_command):
+    for module in (*MODULES, synthetic_command, compare_command, label_command):
         module.add_parser(sub)
     return parser
 
