@@ -363,6 +363,11 @@ def test_bad_inputs_are_one_sentence(tmp_path, capsys):
     with pytest.raises(UnitscopeError, match="unit 7 is not in"):
         label_units(root, tmp_path / "o", _NeverCalled(), LabelSettings(), units=[7])
     assert not (tmp_path / "o").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")  # refused before any request, kept
+    with pytest.raises(UnitscopeError, match="already holds other files"):
+        label_units(root, tmp_path / "mine", _NeverCalled(), LabelSettings())
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
 class _NeverCalled:

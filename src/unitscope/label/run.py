@@ -204,6 +204,12 @@ def _identity(settings: LabelSettings, backend_kind: str, model: str, examples_s
 
 def _read_previous(out: Path, identity: dict[str, Any]) -> tuple[pa.Table | None, pa.Table | None]:
     recover(out)
+    if out.exists() and not out.is_dir():
+        raise UnitscopeError(f"{str(out)!r} is an existing file; give a directory for the labels")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS) if out.is_dir() else []
+    if foreign:  # checked before any request: the output directory is replaced whole after each batch
+        raise UnitscopeError(f"{str(out)!r} already holds other files ({', '.join(foreign[:3])}); give a new or empty "
+                             "directory, or one that `unitscope label` wrote")
     if not (out / "labels.parquet").is_file():
         return None, None
     try:
@@ -250,7 +256,8 @@ def label_units(explanations: str | Path, out: str | Path, backend: Any, setting
             "temperature": settings.temperature, "seed": settings.seed}
     bounded = Bounded(backend, concurrency)
     failed: dict[int, str] = {}
-    with ThreadPoolExecutor(concurrency) as unit_pool, ThreadPoolExecutor(concurrency) as request_pool:
+    unit_pool, request_pool = ThreadPoolExecutor(concurrency), ThreadPoolExecutor(concurrency)
+    try:
         for lo in range(0, len(todo), batch_units):
             batch = todo[lo:lo + batch_units]
             rows = load_excerpts(explanations, batch)
@@ -279,5 +286,11 @@ def label_units(explanations: str | Path, out: str | Path, backend: Any, setting
                     failed[r["unit"]] = r["error"]
             if progress:
                 progress(len(batch))
+    except BaseException:  # an interrupt: drop the queued requests instead of finishing the whole batch
+        for pool in (unit_pool, request_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    for pool in (unit_pool, request_pool):
+        pool.shutdown()
     return {"labelled": len(todo) - len(failed), "skipped": len(units) - len(todo), "failed": failed,
             "out": out, "model": model}
