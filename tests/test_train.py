@@ -316,3 +316,56 @@ def test_a_training_step_keeps_no_autograd_graph_alive(small_store, tmp_path):
     grown = anon_mb() - before
     per_step_leak = 256 * 2048 * 4 / 2**20  # one [B, n] float32 per step, the size of the old leak
     assert grown < 20 * per_step_leak, f"resident memory grew {grown:.0f} MB over 120 steps"
+
+
+# ---- kinds' options and defaults (a synthetic store: no model needed) ---------------------------------------------
+@pytest.fixture(scope="module")
+def syn_store(tmp_path_factory):
+    from unitscope.synthetic import SyntheticSpec, write_synthetic_store
+
+    spec = SyntheticSpec(n_features=32, d=16, rows=6000, active=2.0, correlated_pairs=2)
+    return write_synthetic_store(spec, tmp_path_factory.mktemp("syn") / "s")
+
+
+def test_the_default_learning_rate_scales_with_units_and_input_width():
+    # tuned at SmolLM2's 576 -> 4608; a unit-norm row's entries shrink as 1/sqrt(d_in), and so does the step
+    assert TrainConfig(n_units=4608).learning_rate_for(576) == pytest.approx(1e-3)
+    assert TrainConfig(n_units=1152).learning_rate_for(144) == pytest.approx(4e-3)
+    assert TrainConfig(n_units=1152, lr=5e-4).learning_rate_for(144) == 5e-4
+
+
+def test_a_kinds_options_reach_it_and_are_refused_for_other_kinds(syn_store, tmp_path, capsys):
+    from unitscope.cli import main
+
+    base = ["train", "--store", str(syn_store.root), "--units", "64", "--k", "3", "--train-tokens", "20000",
+            "--batch-size", "500", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "t"), "--architecture", "topk", "--l1-coefficient", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "--l1-coefficient applies to" in err and "standard" in err and err.count("\n") == 1
+    assert not (tmp_path / "t").exists()
+    assert main([*base, "--out", str(tmp_path / "m"), "--architecture", "matryoshka_topk",
+                 "--matryoshka-prefixes", "64"]) == 2
+    assert "below --units" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "s"), "--architecture", "standard", "--l1-coefficient", "0.02",
+                 "--aux-coefficient", "0"]) == 0
+    summary = json.loads((tmp_path / "s" / "train.json").read_text())
+    assert summary["config"]["extra"] == {"l1_coefficient": 0.02, "aux_coef": 0.0}
+    # a fixed coefficient stays fixed (no L0 target); the saved weights hold no training-only state
+    assert {e["sparsity_coefficient"] for e in summary["log"]} == {0.02}
+    from safetensors.torch import load_file
+    assert not [k for k in load_file(str(tmp_path / "s" / "sae_weights.safetensors")) if k.startswith("train_")]
+    assert main([*base, "--out", str(tmp_path / "m"), "--architecture", "matryoshka_topk",
+                 "--matryoshka-prefixes", "8", "32", "--dead-tokens", "1000"]) == 0
+    assert load_dictionary(tmp_path / "m").prefixes == [8, 32, 64]
+    assert json.loads((tmp_path / "m" / "train.json").read_text())["config"]["dead_tokens"] == 1000
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu"])
+def test_penalised_kinds_settle_at_the_target_l0(syn_store, tmp_path, arch):
+    """`k` is the target L0 of the penalised kinds: their coefficient adapts until the mean L0 gets there (a fixed
+    coefficient of the former defaults gave an L0 in the tens on 2-sparse data)."""
+    t = Trainer(syn_store, "synthetic", TrainConfig(architecture=arch, n_units=64, k=3, batch_size=500,
+                                                    train_tokens=500 * 150, seed=0), tmp_path / "d", progress=False)
+    t.run()
+    late = [e["l0"] for e in t.log[-5:]]
+    assert all(2 <= v <= 4.5 for v in late), late

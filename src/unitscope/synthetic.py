@@ -252,7 +252,7 @@ def recovery(directions: torch.Tensor, truth: torch.Tensor, threshold: float = 0
     for a in range(0, len(u), 4096):  # bounded memory for wide dictionaries
         cos = t @ u[a:a + 4096].t()
         best = torch.maximum(best, (cos if signed else cos.abs()).max(1).values)
-    return {"mean_max_cos": float(best.mean()), "frac_recovered": float((best > threshold).float().mean()),
+    return {"mean_max_cos": float(best.mean()), "frac_recovered": float((best > threshold).double().mean()),
             "threshold": threshold, "signed": signed, "n_features": len(t), "n_units": len(u),
             "best_cos": [round(float(b), 5) for b in best]}
 

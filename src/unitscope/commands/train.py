@@ -24,7 +24,71 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="dictionary directory")
     p.add_argument("--overwrite", action="store_true", help="discard a checkpoint and start again")
     options.add_train(p)
+    kinds = p.add_argument_group("options of particular kinds (each refused for a kind it does not apply to)")
+    kinds.add_argument("--l1-coefficient", type=_non_negative_float, default=None,
+                       help="standard and ReLU transcoders: a fixed L1 coefficient instead of adapting it so that "
+                            "the mean L0 settles at --k")
+    kinds.add_argument("--l0-coefficient", type=_non_negative_float, default=None,
+                       help="jumprelu: a fixed L0 coefficient instead of adapting it so that the mean L0 settles "
+                            "at --k")
+    kinds.add_argument("--jumprelu-bandwidth", type=options.positive_float, default=None,
+                       help="jumprelu: width of the straight-through estimator's rectangle kernel (default 0.05, "
+                            "in units of the scaled activations)")
+    kinds.add_argument("--matryoshka-prefixes", type=options.positive_int, nargs="+", default=None,
+                       help="matryoshka_topk: the nested dictionary sizes trained to reconstruct on their own "
+                            "(each below --units; the whole dictionary is always one)")
+    kinds.add_argument("--aux-k", type=options.positive_int, default=None,
+                       help="TopK kinds: dead latents used by the AuxK loss (default d_in / 2)")
+    kinds.add_argument("--aux-coefficient", type=_non_negative_float, default=None,
+                       help="TopK kinds: weight of the AuxK loss (default 1/32)")
+    kinds.add_argument("--dead-tokens", type=options.positive_int, default=None,
+                       help="tokens without firing after which a latent counts as dead (AuxK, resampling)")
+    kinds.add_argument("--snmf-wta", type=_non_negative_float, default=None,
+                       help="snmf: winner-take-all fraction of each feature's coordinates kept (0: off; default "
+                            "0.01 at an mlp_hidden site, as in the semi-NMF paper, and off elsewhere)")
+    kinds.add_argument("--snmf-code-units", type=options.positive_int, default=None,
+                       help="snmf: units in each token's code (default d / 4, at most 64)")
     p.set_defaults(func=run)
+
+
+# command-line option -> the constructor argument of the kinds it applies to
+KIND_OPTIONS = {"l1_coefficient": "l1_coefficient", "l0_coefficient": "l0_coefficient",
+                "jumprelu_bandwidth": "bandwidth", "matryoshka_prefixes": "prefixes", "aux_k": "aux_k",
+                "aux_coefficient": "aux_coef"}
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be zero or a positive finite number, not {text}")
+    return value
+
+
+def apply_kind_options(args: argparse.Namespace, cfgs: list) -> None:
+    """Put each kind's options into the configs of the kinds that take them; refuse one that no kind takes."""
+    from ..dictionaries.base import ARCHITECTURES
+    from ..dictionaries.train import _accepts
+
+    for option, param in KIND_OPTIONS.items():
+        value = getattr(args, option, None)
+        if value is None:
+            continue
+        takers = [c for c in cfgs if _accepts(ARCHITECTURES[c.architecture], param)]
+        flag = "--" + option.replace("_", "-")
+        if not takers:
+            kinds = sorted(a for a, cls in ARCHITECTURES.items() if _accepts(cls, param))
+            raise UnitscopeError(f"{flag} applies to {', '.join(kinds)}, not to "
+                                 f"{', '.join(sorted({c.architecture for c in cfgs}))}")
+        for c in takers:
+            if param == "prefixes" and not all(p < c.n_units for p in value):
+                raise UnitscopeError(f"{flag} must each be below --units ({c.n_units}), not {value}")
+            c.extra[param] = list(value) if isinstance(value, list) else value
+    if getattr(args, "dead_tokens", None) is not None:
+        for c in cfgs:
+            c.dead_tokens = args.dead_tokens
 
 
 def _plain_subject(args: argparse.Namespace):
@@ -40,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = options.output_dir(args.out)
     cfgs = options.train_configs(args)
+    apply_kind_options(args, cfgs)
     fitted = [c for c in cfgs if c.architecture in fit.FROM_LABELS + fit.FROM_STORE]
     if fitted and len(cfgs) > 1:
         raise UnitscopeError("only gradient-trained kinds can be swept together; fit one kind at a time")
@@ -55,9 +120,11 @@ def run(args: argparse.Namespace) -> int:
             store = Store.open(args.store)
             site = args.site or store.sites[0]
             store.width(site)
-            wants_model = arch in ("neurons", "snmf") and args.model != "none"
+            options_ = fit.fit_options(args, arch)
+            wants_model = arch in ("neurons", "snmf") and (args.model or store.manifest.get("model_spec")) != "none"
             subject = inputs.subject_for_store(args, store) if wants_model else None
-            d = fit.fit_from_store(store, site, arch, cfgs[0].n_units, subject=subject, seed=args.seed)
+            d = fit.fit_from_store(store, site, arch, cfgs[0].n_units, subject=subject, seed=args.seed,
+                                   options=options_)
         d.save(out)
         print(f"dictionary {out}: {d.architecture}, {d.n_units} units")
         return 0
