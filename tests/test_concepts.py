@@ -121,3 +121,31 @@ def test_scores_match_a_brute_force_recount(planted):
             assert all(name in r["label"] for name in names)
     half = next(r for r in concepts if r["unit"] == HALF)  # fires on half of its token's occurrences:
     assert half["recall"] < 1  # no token or context predicts it fully: an imperfect concept, scored as such
+
+
+def test_counts_are_exact_within_budget_and_only_drop_rare_pairs_beyond_it():
+    """The sparse counter against np.unique: exact while the distinct pairs fit; past the budget it drops
+    only the rarest pairs, and never changes a kept count by more than the pairs it could have missed."""
+    from unitscope.explain.concepts import _Counts
+
+    rng = np.random.default_rng(0)
+    chunks = [rng.zipf(1.5, 500) % 300 for _ in range(40)]
+    k_all, c_all = np.unique(np.concatenate(chunks), return_counts=True)
+    exact = _Counts(max_pairs=10_000)
+    for ch in chunks:
+        exact.add(ch)
+    k, c = exact.result()
+    assert k.tolist() == k_all.tolist() and c.tolist() == c_all.tolist() and not exact.pruned
+    near = _Counts(max_pairs=len(k_all) + 50)  # more than half the budget in use, never over it: still exact
+    near.add(np.concatenate(chunks))
+    k1, c1 = near.result()
+    assert k1.tolist() == k_all.tolist() and c1.tolist() == c_all.tolist() and not near.pruned
+    lossy = _Counts(max_pairs=120)
+    for ch in chunks:
+        lossy.add(ch)
+    k2, c2 = lossy.result()
+    assert lossy.pruned and set(k2) <= set(k_all)
+    truth = dict(zip(k_all.tolist(), c_all.tolist()))
+    assert all(cnt <= truth[key] for key, cnt in zip(k2.tolist(), c2.tolist()))  # never invented
+    top = k_all[np.argsort(-c_all)[:10]]
+    assert set(top.tolist()) <= set(k2.tolist())  # the frequent pairs survive

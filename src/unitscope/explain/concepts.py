@@ -53,7 +53,7 @@ class _Counts:
             if self.size > self.max_pairs:
                 self._merge()
 
-    def _merge(self) -> None:
+    def _merge(self, prune: bool = True) -> None:
         if len(self.chunks) > 1:
             keys = np.concatenate([k for k, _ in self.chunks])
             counts = np.concatenate([c for _, c in self.chunks])
@@ -62,16 +62,14 @@ class _Counts:
             del keys, counts, inv
         k, c = self.chunks[0] if self.chunks else (np.zeros(0, np.int64), np.zeros(0, np.int32))
         floor = 1
-        while len(k) > self.max_pairs // 2:  # drop the rarest until half the budget is free
+        while prune and len(k) > self.max_pairs // 2:  # drop the rarest until half the budget is free
             keep = c > floor
             k, c, floor = k[keep], c[keep], floor + 1
             self.pruned = True
         self.chunks, self.size = [(k, c)], len(k)
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
-        saved, self.max_pairs = self.max_pairs, max(self.max_pairs, self.size + 1)
-        self._merge()
-        self.max_pairs = saved
+        self._merge(prune=False)
         return self.chunks[0] if self.chunks else (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
