@@ -35,8 +35,9 @@ the whole cost; edges from a sample of the store miss rare units.)
     (`quantile_edges` in units.parquet: bin b = [b W, (b + 1) W), W = j * R / Q_CELLS, R = 2**e the power
     of two at or above the largest peak, j = floor(c_max / 10) + 1 for c_max the fine cell of the largest
     peak, so the top bin holds it or is the only empty one); from each bin the `quantile_n` windows with the
-    smallest `sample_key(seed, unit, window)` are kept, in key order: a uniform sample without replacement
-    (bottom-k sampling), deterministic in the seed, and mergeable across batches, so it is exact in one pass;
+    smallest `sample_key(seed, unit, window)` are kept, in key order: a pseudo-random sample without
+    replacement (bottom-k sampling), deterministic in the seed, and mergeable across batches (the k smallest of
+    a union are the k smallest of the parts' k smallest), so it is exact in one pass;
   - `random`: the `random_n` windows (with at least one included token) where the unit never fires, with the
     smallest `sample_key`, in key order.
   `max_activation` holds the window's peak (its minimum for `bottom`, 0 for `random`), `acts` its per-token
