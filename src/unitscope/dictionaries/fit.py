@@ -16,10 +16,12 @@ from ..store import Store
 from .base import Dictionary
 from .kmeans import KMeans
 from .linear import PCA, DiffMean, Neurons, Probe
-from .snmf import SNMF, fit_snmf
+from .snmf import SNMF, default_code_units, default_wta, fit_snmf
 
 FROM_STORE = ("neurons", "pca", "kmeans", "snmf")
 FROM_LABELS = ("diffmean", "probe")
+FIT_ROWS = 262_144  # rows k-means and semi-NMF fit on by default (the whole of a 200k-row store)
+MAX_FIT_BYTES = 1 << 30  # and at most 1 GiB of them in memory (float32)
 
 
 def _mask(store: Store) -> np.ndarray:
@@ -28,13 +30,31 @@ def _mask(store: Store) -> np.ndarray:
 
 
 def _sample(store: Store, site: str, max_rows: int, seed: int) -> torch.Tensor:
+    """Up to `max_rows` shuffled training rows (and at most MAX_FIT_BYTES of them), float32."""
     mask = _mask(store)
-    rows = []
+    max_rows = max(1, min(max_rows, MAX_FIT_BYTES // (4 * store.width(site))))
+    rows, have = [], 0
     for batch in store.batches(site, min(4096, int(mask.sum())), mask=mask, seed=seed, epochs=1, drop_last=False):
         rows.append(batch.float())
-        if sum(len(r) for r in rows) >= max_rows:
+        have += len(batch)
+        if have >= max_rows:
             break
     return torch.cat(rows)[:max_rows]
+
+
+def fit_options(args: Any, architecture: str) -> dict[str, Any]:
+    """The command line's options of the fitted kinds, refused for a kind they do not apply to."""
+    given = {flag: getattr(args, name, None) for flag, name in (("--snmf-wta", "snmf_wta"),
+                                                                 ("--snmf-code-units", "snmf_code_units"))}
+    if architecture != "snmf" and any(v is not None for v in given.values()):
+        flags = ", ".join(f for f, v in given.items() if v is not None)
+        raise UnitscopeError(f"{flags} applies to snmf, not to {architecture}")
+    options: dict[str, Any] = {}
+    if given["--snmf-wta"] is not None:
+        options["wta"] = given["--snmf-wta"] or None  # 0 turns it off
+    if given["--snmf-code-units"] is not None:
+        options["code_units"] = given["--snmf-code-units"]
+    return options
 
 
 def _metadata(store: Store, site: str) -> dict[str, Any]:
@@ -42,7 +62,9 @@ def _metadata(store: Store, site: str) -> dict[str, Any]:
 
 
 def fit_from_store(store: Store, site: str, architecture: str, n_units: int, subject: Any = None,
-                   max_rows: int = 50_000, seed: int = 0, options: dict[str, Any] | None = None) -> Dictionary:
+                   max_rows: int = FIT_ROWS, seed: int = 0, options: dict[str, Any] | None = None) -> Dictionary:
+    """Fit a kind that needs no SGD loop. `options` go to the fit (semi-NMF: wta, code_units, iters, ...);
+    semi-NMF's winner-take-all defaults to the paper's 1% at an `mlp_hidden` site and off elsewhere."""
     options = dict(options or {})
     width = store.width(site)
     meta = _metadata(store, site)
@@ -61,7 +83,8 @@ def fit_from_store(store: Store, site: str, architecture: str, n_units: int, sub
     if architecture == "kmeans":
         return KMeans.fit(_sample(store, site, max_rows, seed), n_units, meta, seed=seed)
     if architecture == "snmf":
-        acts = _sample(store, site, min(max_rows, 20_000), seed)
+        acts = _sample(store, site, max_rows, seed)
+        options.setdefault("wta", default_wta(site))
         F, _ = fit_snmf(acts, n_units, seed=seed, **options)
         dirs = F.t()
         if subject is not None:
@@ -72,7 +95,8 @@ def fit_from_store(store: Store, site: str, architecture: str, n_units: int, sub
                 w = down.weight.detach().float()
                 w_out = w if isinstance(down, torch.nn.Linear) else w.t()  # [d_model, d_mlp]
                 dirs = (w_out @ F).t()
-        d = SNMF(width, n_units, meta, directions=dirs)
+        d = SNMF(width, n_units, meta, directions=dirs,
+                 code_units=options.get("code_units") or default_code_units(width, n_units))
         d.W_dec.data.copy_(F.t())
         return d
     raise UnitscopeError(f"{architecture!r} is not fitted from a store; those are {', '.join(FROM_STORE)}")

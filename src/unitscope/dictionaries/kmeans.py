@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import UnitscopeError
 from .base import Dictionary, register, require_weights
+
+CHUNK = 16384  # rows per distance block: 16384 x 1024 float32 is 64 MB
 
 
 @register("kmeans")
@@ -55,29 +59,89 @@ class KMeans(Dictionary):
         return d
 
     @classmethod
-    def fit(cls, x: torch.Tensor, n_units: int, metadata: dict[str, Any], iters: int = 50, seed: int = 0) -> KMeans:
-        """k-means++ initialisation, then Lloyd iterations until assignments stop changing."""
+    def fit(cls, x: torch.Tensor, n_units: int, metadata: dict[str, Any], iters: int = 100, seed: int = 0,
+            tol: float = 1e-4, callback: Callable[[int, float], None] | None = None) -> KMeans:
+        """k-means++ initialisation (on a subsample), then Lloyd iterations until the inertia (sum of squared
+        distances to the nearest centroid) improves by less than `tol` of itself. `callback(it, inertia)` sees
+        the inertia of each assignment step, which never increases."""
         if x.shape[0] < n_units:
             raise UnitscopeError(f"k-means with {n_units} units needs at least {n_units} rows, got {x.shape[0]}")
         g = torch.Generator().manual_seed(seed)
         x = x.float()
         d = cls(x.shape[1], n_units, metadata)
-        cents = x[torch.randint(len(x), (1,), generator=g)]
-        best = (x - cents[0]).pow(2).sum(1)
-        for _ in range(1, n_units):
-            nxt = x[torch.multinomial(best / best.sum(), 1, generator=g)]
-            cents = torch.cat([cents, nxt])
-            best = torch.minimum(best, (x - nxt[0]).pow(2).sum(1))
-        assign = None
-        for _ in range(iters):
-            d.W_dec.data.copy_(cents)
-            new = d.distances(x).argmin(1)
-            if assign is not None and torch.equal(new, assign):
+        cents = kmeans_plus_plus(x, n_units, g)
+        prev = float("inf")
+        for it in range(iters):
+            sums, counts, inertia, far = lloyd_step(x, cents)
+            if callback:
+                callback(it, inertia)
+            cents = _reseed_empty(sums, counts, cents, x, far)
+            if inertia >= prev * (1 - tol):
                 break
-            assign = new
-            sums = torch.zeros_like(cents).index_add_(0, assign, x)
-            counts = torch.bincount(assign, minlength=n_units).float()
-            empty = counts == 0
-            cents = torch.where(empty[:, None], cents, sums / counts.clamp_min(1)[:, None])
+            prev = inertia
         d.W_dec.data.copy_(cents)
         return d
+
+
+def _chunks(x: torch.Tensor, rows: int = CHUNK) -> Iterator[torch.Tensor]:
+    for a in range(0, len(x), rows):
+        yield x[a:a + rows]
+
+
+def nearest(x: torch.Tensor, cents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index of the nearest centroid, squared distance to it) for each row, in bounded memory."""
+    c2 = cents.pow(2).sum(1)
+    idx, dist = [], []
+    for chunk in _chunks(x):
+        d2 = torch.addmm(c2, chunk, cents.t(), alpha=-2)  # ||c||² - 2 x·c: the argmin needs no ||x||²
+        m = d2.min(1)
+        idx.append(m.indices)
+        dist.append((m.values + chunk.pow(2).sum(1)).clamp_min(0))
+    return torch.cat(idx), torch.cat(dist)
+
+
+def kmeans_plus_plus(x: torch.Tensor, k: int, g: torch.Generator, sample: int = 16) -> torch.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007) on a random subsample of `sample` rows per centroid: the
+    seeds only need to cover the data, and k sequential passes over a subsample stay cheap. In numpy: k small
+    element-wise passes pay no thread start-up each, which dominates them in torch on a busy machine."""
+    if len(x) > sample * k:
+        x = x[torch.randperm(len(x), generator=g)[: sample * k]]
+    rows = x.numpy()
+    rng = np.random.default_rng(int(torch.randint(2 ** 62, (), generator=g)))
+    picks = [int(rng.integers(len(rows)))]
+    best = ((rows - rows[picks[0]]) ** 2).sum(1, dtype=np.float64)
+    for _ in range(1, k):
+        cum = np.cumsum(best)
+        # D² sampling; when every row is already a centroid (cum[-1] == 0) any row will do
+        pick = int(np.searchsorted(cum, rng.random() * cum[-1], side="right")) if cum[-1] > 0 else 0
+        pick = min(pick, len(rows) - 1)
+        picks.append(pick)
+        best = np.minimum(best, ((rows - rows[pick]) ** 2).sum(1, dtype=np.float64))
+    return x[torch.tensor(picks)].clone()
+
+
+def lloyd_step(x: torch.Tensor, cents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+    """Assign every row to its nearest centroid; return the per-centroid sums and counts (float64, so a
+    sum over millions of rows keeps its precision), the inertia, and the rows' squared distances."""
+    sums = torch.zeros(cents.shape, dtype=torch.float64)
+    counts = torch.zeros(len(cents), dtype=torch.float64)
+    inertia, far = 0.0, []
+    for chunk in _chunks(x):
+        idx, dist = nearest(chunk, cents)
+        sums.index_add_(0, idx, chunk.double())
+        counts += torch.bincount(idx, minlength=len(cents)).double()
+        inertia += float(dist.double().sum())
+        far.append(dist)
+    return sums, counts, inertia, torch.cat(far)
+
+
+def _reseed_empty(sums: torch.Tensor, counts: torch.Tensor, cents: torch.Tensor, x: torch.Tensor,
+                  dist: torch.Tensor) -> torch.Tensor:
+    """New centroids are the means; an empty cluster takes the row farthest from its centroid (a unit that
+    would otherwise stay where it was, a dead unit)."""
+    new = (sums / counts.clamp_min(1)[:, None]).to(cents.dtype)
+    empty = torch.nonzero(counts == 0).flatten()
+    if len(empty):
+        far = dist.topk(min(len(empty), len(dist))).indices
+        new[empty[: len(far)]] = x[far]
+    return new
