@@ -102,3 +102,46 @@ def test_held_out_windows_are_disjoint_from_the_recorded_ones(tmp_path, llama_su
     assert sorted(set(offsets)) == [store.n_windows * ctx + i * ctx for i in range(10)]  # 4 forwards each
     assert min(offsets) >= store.n_windows * ctx >= store.n_tokens  # past every recorded token
     assert r["eval_config"]["start_window"] == store.n_windows == 63
+
+
+@pytest.mark.parametrize("site", ["blocks.1.resid_post", "blocks.2.mlp_hidden"])
+def test_forwards_share_the_blocks_below_the_site_and_give_the_full_forward_figures(tiny_subject, site):
+    """The spliced and ablated forwards replay the clean forward's lower blocks: the figures equal those of four
+    whole forwards, and a block below the site runs once per batch while the site's block runs four times."""
+    from unitscope.sites import family_of
+
+    torch.manual_seed(0)
+    d = TopKSAE(tiny_subject.width(site), 64, k=4, metadata={"hook_name": site})
+    fam = family_of(tiny_subject.model)
+    block = int(site.split(".")[1])
+    calls = {"below": 0, "site": 0}
+
+    def counter(key):
+        def hook(*_):
+            calls[key] += 1
+        return hook
+
+    handles = [tiny_subject.model.get_submodule(f"{fam.blocks}.{block - 1}.{fam.mlp}").register_forward_hook(
+                   counter("below")),
+               tiny_subject.model.get_submodule(f"{fam.blocks}.{block}.{fam.mlp}").register_forward_hook(
+                   counter("site"))]
+    try:
+        runs = {}
+        for shared in (True, False):
+            calls.update(below=0, site=0)
+            runs[shared] = evaluate_fidelity(tiny_subject, d, Corpus("default"), 16, start_window=3, n_tokens=64,
+                                             batch_size=2, progress=False, share_lower=shared, geometry_rows=0)
+            runs[shared]["calls"] = dict(calls)
+    finally:
+        for h in handles:
+            h.remove()
+    # 2 batches (the width check's dry run to the site adds one call below it): 3 forwards a batch no longer run it
+    assert runs[True]["calls"]["below"] == 1 + 2 and runs[False]["calls"]["below"] == 1 + 8
+    assert runs[True]["calls"]["site"] == runs[False]["calls"]["site"] >= 8
+    for group in ("model_performance_preservation", "model_behavior_preservation", "reconstruction_quality"):
+        new, old = runs[True]["eval_result_metrics"][group], runs[False]["eval_result_metrics"][group]
+        assert new == pytest.approx(old, rel=1e-6, abs=1e-9), group
+    behaviour = runs[True]["eval_result_metrics"]["model_behavior_preservation"]
+    assert behaviour["kl_div_with_sae"] > 1e-6 and behaviour["kl_div_with_ablation"] > 1e-6  # the edits took effect
+    for name, module in tiny_subject.model.named_modules():  # every block's own forward is back
+        assert "forward" not in vars(module), name

@@ -93,3 +93,12 @@ def print_metrics(result: dict[str, Any]) -> None:
           f"positions; {perf['ce_loss_score']:.4f} with every position zeroed, as SAELens/SAEBench)  "
           f"KL {m['model_behavior_preservation']['kl_div_with_sae']:.4f}  "
           f"dead {m['misc']['frac_dead_units']:.3f}  dense {m['misc']['frac_dense_units']:.3f}")
+    g = result.get("geometry")
+    if g:
+        def both(key: str) -> str:
+            e, w = (g[v][key] for v in ("euclidean", "whitened"))
+            return f"{e:.3f} (whitened {w:.3f})" if e is not None and w is not None else "n/a"
+
+        dim = g["intrinsic_dimension"]["value"]
+        print(f"geometry: coherence {both('mutual_coherence')}  unique codes {both('uniqueness_fraction')}  "
+              f"RIP {both('rip_fraction')}  TwoNN dimension {f'{dim:.1f}' if dim is not None else 'n/a'}")

@@ -16,12 +16,19 @@ window and special tokens, are neither spliced nor counted):
         spliced forward), so numerator and denominator ablate the same positions.
 where y is the activation at the dictionary's output site and ŷ its reconstruction from the input site, and
 every CE is the mean next-token loss over predictions made at evaluated positions.
+
+The four forwards of a batch share the computation below the site: the clean forward keeps the output of every
+block below the site's block, and the spliced and ablated forwards replay those outputs instead of recomputing
+them (the embedding lookup still runs), so they pay only for the site's block and the ones above it. Models
+outside the known families (sites.py) run every forward whole.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -32,15 +39,23 @@ from tqdm.auto import tqdm
 from ..corpus import Corpus, special_ids, training_mask
 from ..dictionaries import Dictionary
 from ..errors import UnitscopeError
+from ..hooks import _primary, _with_primary
+from ..sites import family_of
 from ..subject import Subject
 from ..versions import versions
+from .geometry import geometry
 
 
 @torch.inference_mode()
 def evaluate_fidelity(subject: Subject, dictionary: Dictionary, corpus: Corpus, ctx_len: int,
                       start_window: int, n_tokens: int = 16384, batch_size: int = 8,
-                      progress: bool = True) -> dict[str, Any]:
-    """Evaluate reconstruction, sparsity and downstream loss on windows `start_window`, ... of `corpus`."""
+                      progress: bool = True, share_lower: bool = True,
+                      geometry_rows: int = 16384) -> dict[str, Any]:
+    """Evaluate reconstruction, sparsity and downstream loss on windows `start_window`, ... of `corpus`.
+
+    The `geometry` section (geometry.py) uses the first `geometry_rows` evaluated positions (0: no section).
+    `share_lower=False` runs all four forwards whole (the reference the shared path is tested against).
+    """
     for name, value in (("--eval-tokens", n_tokens), ("--eval-batch-size", batch_size)):
         if value < 1:
             raise UnitscopeError(f"{name} must be a positive number, not {value}")
@@ -65,6 +80,10 @@ def evaluate_fidelity(subject: Subject, dictionary: Dictionary, corpus: Corpus, 
     ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "zero_all": 0.0}
     kl_sum = {"spliced": 0.0, "zero": 0.0, "zero_all": 0.0}
     n_pred = 0
+    kept_x: list[torch.Tensor] = []
+    kept_y: list[torch.Tensor] = []
+    n_kept = 0
+    below = _BlocksBelow(subject, out_site if share_lower else None)
     windows = corpus.windows(subject.tokenizer, ctx_len, start=start_window)
     bar = tqdm(total=n_windows * ctx_len, unit="tok", desc="eval", disable=not progress)
     done = 0
@@ -77,7 +96,7 @@ def evaluate_fidelity(subject: Subject, dictionary: Dictionary, corpus: Corpus, 
         mask = torch.from_numpy(training_mask(ids.numpy(), np.stack([w.pos for w in batch]), specials))
         m = mask.to(subject.device)
 
-        with subject.capture([in_site, out_site]) as acts:
+        with subject.capture([in_site, out_site]) as acts, below.recording():
             clean_logits = subject.logits(ids)
         x, y = acts[in_site], acts[out_site]
         codes, recon = dictionary.reconstruct(x.to(ddtype))
@@ -90,15 +109,20 @@ def evaluate_fidelity(subject: Subject, dictionary: Dictionary, corpus: Corpus, 
         l0_sum += float((cm != 0).sum())
         fired += (cm != 0).sum(0).cpu()
         n += int(m.sum())
+        if n_kept < geometry_rows:
+            kept_x.append(x[m][:geometry_rows - n_kept].float().cpu())
+            kept_y.append(ym[:geometry_rows - n_kept].cpu())
+            n_kept += len(kept_x[-1])
 
         spliced = torch.where(m[..., None], recon, y)
         zero = torch.where(m[..., None], torch.zeros_like(y), y)
-        with subject.intervene([subject.intervention(out_site, lambda _y, s=spliced: s)]):
-            spliced_logits = subject.logits(ids)
-        with subject.intervene([subject.intervention(out_site, lambda _y, z=zero: z)]):
-            zero_logits = subject.logits(ids)
-        with subject.intervene([subject.intervention(out_site, torch.zeros_like)]):
-            zero_all_logits = subject.logits(ids)
+        with below.replaying():
+            with subject.intervene([subject.intervention(out_site, lambda _y, s=spliced: s)]):
+                spliced_logits = subject.logits(ids)
+            with subject.intervene([subject.intervention(out_site, lambda _y, z=zero: z)]):
+                zero_logits = subject.logits(ids)
+            with subject.intervene([subject.intervention(out_site, torch.zeros_like)]):
+                zero_all_logits = subject.logits(ids)
 
         # next-token prediction at evaluated positions (the last position has no target)
         pm = m[:, :-1]
@@ -159,9 +183,93 @@ def evaluate_fidelity(subject: Subject, dictionary: Dictionary, corpus: Corpus, 
         "eval_result_unstructured": None,
         "dictionary": {"architecture": dictionary.architecture, "d_in": dictionary.d_in,
                        "n_units": dictionary.n_units},
+        "geometry": _geometry(dictionary, kept_x, kept_y),
         "versions": versions(),
     }
 
 
+def _geometry(dictionary: Dictionary, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> dict[str, Any] | None:
+    """The geometry section, or None when geometry is off or the kind has no directions."""
+    if not xs:
+        return None
+    try:
+        if dictionary.directions is None:
+            return None
+    except NotImplementedError:
+        return None
+    x = torch.cat(xs)
+    same = dictionary.output_site == dictionary.input_site
+    return geometry(dictionary, x, None if same else torch.cat(ys))
+
+
 def _recovered(ce_ablated: float, ce_spliced: float, ce_clean: float) -> float:
     return (ce_ablated - ce_spliced) / (ce_ablated - ce_clean) if ce_ablated != ce_clean else float("nan")
+
+
+class _BlocksBelow:
+    """The transformer blocks below a site: their outputs kept from one forward and replayed in the next ones.
+
+    An intervention at the site cannot change what the blocks before the site's block compute, so a forward of
+    the same batch may take their outputs from the clean forward. Replaying patches each block's `forward` on
+    the instance (restored on exit); the last replayed block hands back a copy, so nothing above it can modify
+    the kept tensor in place. `site=None`, a model outside the known families, or a site before the first
+    block replays nothing.
+    """
+
+    def __init__(self, subject: Subject, site: str | None):
+        self.blocks: list[torch.nn.Module] = []
+        fam = family_of(subject.model)
+        if site is None or fam is None:
+            return
+        path = subject.site(site).module_path
+        blocks = subject.model.get_submodule(fam.blocks)
+        prefix = fam.blocks + "."
+        if path.startswith(prefix):
+            first = int(path[len(prefix):].split(".")[0])
+        elif path in (fam.final_norm, fam.unembed):
+            first = len(blocks)
+        else:
+            first = 0
+        self.blocks = list(blocks)[:first]
+        self.outputs: dict[int, Any] = {}
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        self.outputs = {}
+
+        def keep(i: int):
+            def hook(_mod, _args, output):
+                self.outputs[i] = output
+            return hook
+
+        handles = [b.register_forward_hook(keep(i)) for i, b in enumerate(self.blocks)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextmanager
+    def replaying(self) -> Iterator[None]:
+        if not self.blocks or len(self.outputs) != len(self.blocks):
+            yield  # nothing kept (no blocks below, or a forward that skipped some): run whole
+            return
+        saved = [b.__dict__.get("forward") for b in self.blocks]
+        last = len(self.blocks) - 1
+
+        def replay(i: int):
+            def forward(*_args, **_kwargs):
+                out = self.outputs[i]
+                return _with_primary(out, _primary(out).clone()) if i == last else out
+            return forward
+
+        try:
+            for i, b in enumerate(self.blocks):
+                b.forward = replay(i)
+            yield
+        finally:
+            for b, f in zip(self.blocks, saved):
+                if f is None:
+                    b.__dict__.pop("forward", None)
+                else:
+                    b.forward = f
