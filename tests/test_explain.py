@@ -355,3 +355,27 @@ def test_unknown_unit_is_one_sentence_and_nothing_is_written(store, llama_subjec
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unit 40 does not exist" in err
     assert (tmp_path / "e" / "units.parquet").read_bytes() == b"old"  # nothing lost
+
+
+@pytest.mark.parametrize("kind", ["topk", "kmeans"])
+def test_logit_lens_of_mlp_hidden_directions_goes_through_the_down_projection(llama_subject, kind):
+    """Any kind at blocks.1.mlp_hidden: its directions reach the residual stream through the block's down
+    projection, and the lens is that image read by the model's own final norm and LM head."""
+    from unitscope.dictionaries.kmeans import KMeans
+
+    site = "blocks.1.mlp_hidden"
+    torch.manual_seed(0)
+    d = TopKSAE(64, 12, k=2, metadata={"hook_name": site}) if kind == "topk" else KMeans(
+        64, 12, metadata={"hook_name": site})
+    if kind == "kmeans":
+        with torch.no_grad():
+            d.W_dec.copy_(torch.randn_like(d.W_dec))  # centroids in the MLP's hidden space
+    lens = logit_lens(llama_subject, d)
+    model, tok = llama_subject.model, llama_subject.tokenizer
+    with torch.no_grad():
+        resid = d.directions.detach().float() @ model.model.layers[1].mlp.down_proj.weight.t()
+        logits = model.lm_head(model.model.norm(resid))
+    for unit in range(d.n_units):
+        vals, ids = logits[unit].topk(10)
+        assert lens["promoted_tokens"][unit] == [tok.decode([int(i)]) for i in ids]
+        assert np.allclose(lens["promoted_logits"][unit], vals.numpy(), atol=1e-3)
