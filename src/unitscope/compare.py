@@ -280,3 +280,15 @@ def read_compare(root: str | Path) -> list[dict[str, Any]] | None:
     if not path.is_file():
         return None
     return pq.read_table(path).to_pylist()
+
+
+def for_report(root: str | Path) -> dict[str, Any]:
+    """`write_report` keywords that show the run's comparison: its rows, each dictionary that has explanation
+    tables (so a report of its own beside this one) linked, and its plot."""
+    root = Path(root)
+    rows = read_compare(root)
+    if not rows:
+        return {}
+    linked = [{**r, "report": f"../{r['dictionary']}/index.html"}
+              if (root / "explain" / str(r["dictionary"]) / "units.parquet").is_file() else r for r in rows]
+    return {"comparison": linked, "comparison_plot": root / PLOT if (root / PLOT).is_file() else None}

@@ -93,8 +93,8 @@ def dictionary_plan(cfgs: list, width: int) -> list[tuple[Any, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import compare
     from ..atomic import write_json_atomic
-    from ..compare import read_compare
     from ..corpus import Corpus
     from ..dictionaries import fit, load_dictionary
     from ..dictionaries.train import Trainer, checkpoint_dir, is_transcoder, train, train_together
@@ -165,10 +165,14 @@ def run(args: argparse.Namespace) -> int:
                             for c, did in together], progress=progress)
             for _, did in together:
                 run.item(did, lambda did=did: saved(did))
+        else:
+            together = []
         for c, did in plan:
+            if did in {d for _, d in together}:
+                continue
             if c.architecture in fit.FROM_STORE:
                 run.item(did, lambda c=c, did=did: fit_one(c, did))
-            else:  # transcoders, a lone SAE kind, and any member trained together above (already recorded)
+            else:  # transcoders and a lone SAE kind
                 run.item(did, lambda c=c, did=did: train_one(c, did))
         return {"dictionaries": [did for _, did in plan]}
 
@@ -200,17 +204,12 @@ def run(args: argparse.Namespace) -> int:
         return print_compare(root)
 
     def do_report():
-        ids = {did for _, did in plan}
-        rows = [{**r, "report": f"../{r['dictionary']}/index.html"}
-                if r["dictionary"] in ids or (report_dir / r["dictionary"] / "index.html").is_file() else r
-                for r in read_compare(root) or []]
-        plot = root / "compare.png"
         indexes = {}
         for _, did in plan:
             index = write_report(report_dir / did, root / "explain" / did, report_title(did, subject.name, sites[0]),
                                  eval_json=root / "evals" / did / "core.json",
                                  info={"model": subject.name, "site": sites[0], "run": str(root)},
-                                 comparison=rows, comparison_plot=plot if plot.is_file() else None)
+                                 **compare.for_report(root))
             indexes[did] = str(index)
         return {"index": indexes[plan[0][1]], "indexes": indexes}
 
