@@ -114,8 +114,9 @@ def test_snmf_follows_the_semi_nmf_update_rules(rows):
     F, G = fit_snmf(acts, 24, iters=40, wta=None, init="random", patience=100,
                     callback=lambda it, loss: losses.append(loss))
     assert len(losses) == 40
-    assert all(b <= a * (1 + 1e-9) for a, b in zip(losses, losses[1:])), losses
-    assert (G >= 0).all() and losses[-1] < losses[0]
+    # never increases (up to float32 rounding: the fit keeps rows in float32)
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(losses, losses[1:])), losses
+    assert (G.to_dense() >= 0).all() and losses[-1] < losses[0]
 
 
 def test_snmf_fits_with_sparse_features_and_residual_directions(store, rows, default_subject, tmp_path):

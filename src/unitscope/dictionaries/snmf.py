@@ -52,12 +52,13 @@ def _gather(xw: torch.Tensor, q: torch.Tensor, idx: torch.Tensor) -> tuple[torch
     return xw.gather(1, idx), q[idx.unsqueeze(2), idx.unsqueeze(1)]
 
 
-def _fista(b: torch.Tensor, gram: torch.Tensor, iters: int) -> torch.Tensor:
-    """argmin_{g >= 0} ½gᵀ gram g - bᵀg per row by accelerated projected gradient; the step is 1 / an upper
-    bound of each row's largest eigenvalue (the smaller of the trace and the largest absolute row sum)."""
+def _fista(b: torch.Tensor, gram: torch.Tensor, iters: int, start: torch.Tensor | None = None) -> torch.Tensor:
+    """argmin_{g >= 0} ½gᵀ gram g - bᵀg per row by accelerated projected gradient from `start` (or zero); the
+    step is 1 / an upper bound of each row's largest eigenvalue (the smaller of the trace and the largest
+    absolute row sum)."""
     bound = torch.minimum(gram.diagonal(dim1=1, dim2=2).sum(1), gram.abs().sum(2).amax(1))
     step = (1 / bound.clamp_min(1e-12)).unsqueeze(1)
-    g = torch.zeros_like(b)
+    g = torch.zeros_like(b) if start is None else start
     y, t = g, 1.0
     for _ in range(iters):
         g_new = (y - step * (torch.einsum("bi,bij->bj", y, gram) - b)).clamp_min(0)
@@ -68,14 +69,20 @@ def _fista(b: torch.Tensor, gram: torch.Tensor, iters: int) -> torch.Tensor:
 
 
 def support_codes(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, s: int, iters: int,
-                  xw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  xw: torch.Tensor | None = None, previous: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each row's code on its `s` most correlated units (cosine with x, so a large unit is not favoured):
-    (unit indices [B, s], NNLS coefficients [B, s], squared residual [B])."""
+    (unit indices [B, s], NNLS coefficients [B, s], squared residual [B]). `previous` (indices, coefficients)
+    warm-starts the units a row keeps from its last code."""
     xw = x @ w.t() if xw is None else xw
     norms = q.diagonal().clamp_min(1e-24).sqrt()
     idx = (xw / norms).topk(s, dim=1).indices
     b, gram = _gather(xw, q, idx)
-    g = _fista(b, gram, iters)
+    start = None
+    if previous is not None:
+        same = idx.unsqueeze(2) == previous[0].unsqueeze(1)  # [B, s new, s old]
+        start = (same * previous[1].unsqueeze(1)).sum(2)
+    g = _fista(b, gram, iters, start)
     return idx, g, _row_loss(x.pow(2).sum(1), b, gram, g)
 
 
@@ -155,7 +162,7 @@ def _wta(f: torch.Tensor, frac: float) -> torch.Tensor:
 
 def fit_snmf(acts: torch.Tensor, rank: int, iters: int = 50, wta: float | None = None, init: str = "kmeans",
              patience: int = 2, tol: float = 1e-3, seed: int = 0, code_units: int | None = None,
-             nnls_iters: int = 50, callback=None) -> tuple[torch.Tensor, torch.Tensor]:
+             nnls_iters: int = 20, callback=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Factorise acts [n_tokens, d] as G Fᵀ; returns (F [d, k], G [n, k] as a sparse COO tensor).
 
     `iters` passes over the rows, each a code step (every token's NNLS on its `code_units` most correlated
@@ -194,7 +201,8 @@ def fit_snmf(acts: torch.Tensor, rank: int, iters: int = 50, wta: float | None =
         for lo in range(0, n, rows):
             xc = x[lo:lo + rows]
             xw = xc @ w.t()
-            new_idx, new_g, new_err = support_codes(xc, w, q, s, nnls_iters, xw=xw)
+            new_idx, new_g, new_err = support_codes(xc, w, q, s, nnls_iters, xw=xw,
+                                                    previous=(idx[lo:lo + rows], coef[lo:lo + rows]))
             b, gram = _gather(xw, q, idx[lo:lo + rows])
             old_err = _row_loss(xc.pow(2).sum(1), b, gram, coef[lo:lo + rows])
             better = new_err < old_err
