@@ -25,6 +25,7 @@ outside the known families (sites.py) run every forward whole.
 
 from __future__ import annotations
 
+import copy
 import time
 import uuid
 from collections.abc import Iterator
@@ -207,17 +208,20 @@ def _recovered(ce_ablated: float, ce_spliced: float, ce_clean: float) -> float:
 
 
 class _BlocksBelow:
-    """The transformer blocks below a site: their outputs kept from one forward and replayed in the next ones.
+    """The transformer blocks below a site, skipped in the forwards that follow a clean one of the same batch.
 
-    An intervention at the site cannot change what the blocks before the site's block compute, so a forward of
-    the same batch may take their outputs from the clean forward. Replaying patches each block's `forward` on
-    the instance (restored on exit); the last replayed block hands back a copy, so nothing above it can modify
-    the kept tensor in place. `site=None`, a model outside the known families, or a site before the first
-    block replays nothing.
+    An intervention at the site cannot change what the blocks before the site's block compute, so the spliced
+    and ablated forwards take the last of them's output from the clean forward. Replaying patches each lower
+    block's `forward` on the instance (restored on exit) to return that output, so only one block's output is
+    kept whatever the depth (the blocks in between pass it along unread); the last one hands back a copy, so
+    nothing above can modify the kept tensor in place. `site=None`, a model outside the known families, or a
+    site before the first block replays nothing.
     """
 
     def __init__(self, subject: Subject, site: str | None):
         self.blocks: list[torch.nn.Module] = []
+        self.kept: Any = None
+        self.seen = 0
         fam = family_of(subject.model)
         if site is None or fam is None:
             return
@@ -231,18 +235,20 @@ class _BlocksBelow:
         else:
             first = 0
         self.blocks = list(blocks)[:first]
-        self.outputs: dict[int, Any] = {}
 
     @contextmanager
     def recording(self) -> Iterator[None]:
-        self.outputs = {}
+        self.kept, self.seen = None, 0
+        last = len(self.blocks) - 1
 
-        def keep(i: int):
+        def watch(i: int):
             def hook(_mod, _args, output):
-                self.outputs[i] = output
+                self.seen += 1
+                if i == last:
+                    self.kept = output
             return hook
 
-        handles = [b.register_forward_hook(keep(i)) for i, b in enumerate(self.blocks)]
+        handles = [b.register_forward_hook(watch(i)) for i, b in enumerate(self.blocks)]
         try:
             yield
         finally:
@@ -251,16 +257,18 @@ class _BlocksBelow:
 
     @contextmanager
     def replaying(self) -> Iterator[None]:
-        if not self.blocks or len(self.outputs) != len(self.blocks):
-            yield  # nothing kept (no blocks below, or a forward that skipped some): run whole
+        if not self.blocks or self.seen != len(self.blocks) or self.kept is None:
+            yield  # nothing kept (no blocks below, or a forward that ran some of them twice or not at all)
             return
         saved = [b.__dict__.get("forward") for b in self.blocks]
         last = len(self.blocks) - 1
 
         def replay(i: int):
             def forward(*_args, **_kwargs):
-                out = self.outputs[i]
-                return _with_primary(out, _primary(out).clone()) if i == last else out
+                if i != last:
+                    return self.kept
+                out = self.kept if isinstance(self.kept, (torch.Tensor, tuple, list)) else copy.copy(self.kept)
+                return _with_primary(out, _primary(out).clone())
             return forward
 
         try:
