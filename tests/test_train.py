@@ -362,10 +362,12 @@ def test_a_kinds_options_reach_it_and_are_refused_for_other_kinds(syn_store, tmp
 
 @pytest.mark.parametrize("arch", ["standard", "jumprelu"])
 def test_penalised_kinds_settle_at_the_target_l0(syn_store, tmp_path, arch):
-    """`k` is the target L0 of the penalised kinds: their coefficient adapts until the mean L0 gets there (a fixed
-    coefficient of the former defaults gave an L0 in the tens on 2-sparse data)."""
+    """`k` sets the target L0 of the penalised kinds (k for jumprelu, 2k for standard, whose L1 shrinkage needs the
+    room): their coefficient adapts until the mean L0 gets there (a fixed coefficient of the former defaults gave an
+    L0 in the tens on 2-sparse data)."""
     t = Trainer(syn_store, "synthetic", TrainConfig(architecture=arch, n_units=64, k=3, batch_size=500,
                                                     train_tokens=500 * 150, seed=0), tmp_path / "d", progress=False)
     t.run()
     late = [e["l0"] for e in t.log[-5:]]
-    assert all(2 <= v <= 4.5 for v in late), late
+    target = 3 * (2 if arch == "standard" else 1)
+    assert all(0.5 * target <= v <= 2 * target for v in late), late  # the former defaults: tens

@@ -287,12 +287,15 @@ def _fold_decoder_norm(sae: SparseAutoencoder) -> None:
 @register("standard")
 class StandardSAE(SparseAutoencoder):
     """ReLU SAE with an L1 penalty weighted by decoder norm (Bricken et al. 2023; decoder rows unit-norm). The L1
-    coefficient adapts so that the mean L0 settles at `k` unless `l1_coefficient` fixes it."""
+    coefficient adapts so that the mean L0 settles at 2k unless `l1_coefficient` fixes it: an L1 penalty shrinks
+    every code, and the SAE makes up for it with small extra activations. Held at L0 = k it shrinks too hard to
+    afford rare features (512 planted features in 128 dimensions, k = 4, 1024 units: L0 4 gave FVU 0.43 and
+    77.7% of the features; L0 8, FVU 0.04 and 95% (the latter with the former learning rate)."""
 
     def __init__(self, d_in: int, n_units: int, k: float = 32, l1_coefficient: float | None = None,
                  aux_k: int | None = None, aux_coef: float = 1 / 32, **kw: Any):
         super().__init__(d_in, n_units, **kw)
-        self._init_sparsity_target(k, l1_coefficient, initial=5e-3)
+        self._init_sparsity_target(2 * k, l1_coefficient, initial=5e-3)
         self.aux_k, self.aux_coef = int(aux_k if aux_k is not None else max(1, d_in // 2)), aux_coef
 
     @torch.no_grad()
