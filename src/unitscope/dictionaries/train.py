@@ -327,6 +327,7 @@ class Trainer:
         self._constrain_decoder_grad()
         self.opt.step()
         self._normalise_decoder()
+        self.sae.adapt_sparsity(out.l0)
         self.since_fired += x.shape[0]
         self.since_fired[out.fired.unique()] = 0
         self.step += 1
