@@ -41,7 +41,7 @@ def test_unitscope_run_end_to_end(tmp_path):
     assert len(list((root / "report" / did / "units").glob("*.html"))) == 512
     # a second run skips every stage; --overwrite eval redoes eval and what follows it
     again = run_cli(*args)
-    assert again.returncode == 0 and again.stdout.count("already done") == 5
+    assert again.returncode == 0 and again.stdout.count("already done") == 6  # compare is a stage too
     redo = run_cli(*args, "--overwrite", "eval")
     assert redo.returncode == 0 and redo.stdout.count("already done") == 2
     rep = run_cli("report", root)

@@ -16,6 +16,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..compare import for_report
     from ..report import write_report
 
     root = Path(args.run)
@@ -39,11 +40,11 @@ def run(args: argparse.Namespace) -> int:
     model = cfg.get("model")
     if (root / "store" / "store.json").is_file():
         model = json.loads((root / "store" / "store.json").read_text()).get("model", model)
-    index = None
+    index, comparison = None, for_report(root)  # the run's comparison table and plot, on every dictionary's page
     for e in explain:
         index = write_report(root / "report" / e.name, e, report_title(e.name, model, cfg.get("site")),
                              eval_json=root / "evals" / e.name / "core.json",
-                             info={"model": model, "site": cfg.get("site"), "run": str(root)})
+                             info={"model": model, "site": cfg.get("site"), "run": str(root)}, **comparison)
     print(f"report: {index}")
     return 0
 

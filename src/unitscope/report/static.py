@@ -205,7 +205,17 @@ def _write_unit_page(path: Path, u: dict[str, Any], exs: list[dict[str, Any]], t
             f'{float(e["max_activation"]):.2f}</span> {_example_html(e["tokens"], e["acts"], vmax, vmin, kind)}</div>'
             for e in exs if e.get("kind", "top") == kind)
 
-    top_html, bottom_html = examples("top"), examples("bottom")
+    top_html, bottom_html, random_html = examples("top"), examples("bottom"), examples("random")
+    edges = u.get("quantile_edges") or []
+    bins = sorted({int(e["quantile"]) for e in exs if e.get("kind") == "quantile" and e.get("quantile") is not None},
+                  reverse=True)
+    quantile_html = "".join(
+        f'<h3>bin {b + 1}: activations '
+        f'{(f"{float(edges[b]):.3g} to {float(edges[b + 1]):.3g}" if b + 1 < len(edges) else "")}</h3>'
+        + "".join(f'<div class=ex><span class=meta>max {float(e["max_activation"]):.2f}</span> '
+                  f'{_example_html(e["tokens"], e["acts"], vmax, vmin)}</div>'
+                  for e in exs if e.get("kind") == "quantile" and e.get("quantile") == b)
+        for b in bins)
     never = "<p class=meta>This unit never had a positive code on the recorded tokens.</p>"
     unit = int(u["unit"])
     prev_link = f'<a href="{unit - 1}.html">‹ prev</a>' if unit > 0 else ""
@@ -223,5 +233,7 @@ def _write_unit_page(path: Path, u: dict[str, Any], exs: list[dict[str, Any]], t
 <p>suppressed: {pills("suppressed", "sup") or '<span class=meta>n/a</span>'}</p>
 <h2>Top activating examples</h2>{top_html or never}
 {f'<h2>Most negative examples</h2>{bottom_html}' if bottom_html else ''}
+{f'<h2>Examples across the activation range</h2>{quantile_html}' if quantile_html else ''}
+{f'<h2>Random windows where it does not fire</h2>{random_html}' if random_html else ''}
 </body></html>"""
     path.write_text(page, encoding="utf-8")
