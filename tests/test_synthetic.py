@@ -160,10 +160,10 @@ def test_the_store_holds_the_spec_rows_and_truth_and_is_replaced_only_whole(tmp_
 
 # ---- every SAE kind through the command line, with its defaults ---------------------------------------------------
 # CI scale: 128 features in 48 dimensions, 256 units (twice the features, as 1024 for 512), k = 4; the kinds' own
-# options stay at their defaults, only the run is shorter (600k tokens in batches of 1024: ~590 steps; at the default
+# options stay at their defaults, only the run is shorter (1M tokens in batches of 1024: ~980 steps; at the default
 # batch of 2048, 290 steps left batchtopk at 89%)
 CI = ["--features", "128", "--dims", "48", "--rows", "40000", "--seed", "1"]
-TRAIN = ["--units", "256", "--k", "4", "--train-tokens", "600000", "--batch-size", "1024", "--quiet"]
+TRAIN = ["--units", "256", "--k", "4", "--train-tokens", "1000000", "--batch-size", "1024", "--quiet"]
 
 
 @pytest.fixture(scope="module")
