@@ -127,7 +127,8 @@ def add_train(p: argparse.ArgumentParser) -> None:
                         "pca, kmeans, snmf, neurons, diffmean, probe; several train together from one read")
     p.add_argument("--units", type=positive_int, nargs="+", default=[4608], help="number(s) of units (latents)")
     p.add_argument("--k", type=positive_int, nargs="+", default=[32], help="active latents per token for TopK kinds")
-    p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default 1e-3*sqrt(4608/units))")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="learning rate (default 1e-3*sqrt(4608/units)*sqrt(576/d_in))")
     p.add_argument("--batch-size", type=positive_int, default=2048, help="tokens per training step")
     p.add_argument("--train-tokens", type=positive_int, default=2_000_000,
                    help="tokens to train on (epochs over the store)")
