@@ -95,6 +95,12 @@ def test_fitted_kinds_options_are_refused_where_they_do_not_apply(ci_store, tmp_
                  "--snmf-wta", "2", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "winner-take-all" in err and err.count("\n") == 1 and not out.exists()
+    for kind in ("topk", "jumprelu"):  # gradient-trained kinds refuse them too (they used to ignore them)
+        assert main(["train", "--store", str(ci_store), "--out", str(out), "--architecture", kind, "--units", "64",
+                     "--snmf-code-units", "4", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"--snmf-code-units applies to snmf, not to {kind}" in err and err.count("\n") == 1
+        assert not out.exists()
 
 
 # ---- brute force on tiny problems -------------------------------------------------------------------------------

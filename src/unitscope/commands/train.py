@@ -105,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     out = options.output_dir(args.out)
     cfgs = options.train_configs(args)
     apply_kind_options(args, cfgs)
+    for c in cfgs:  # the fitted kinds' options (--snmf-*) are refused for every other kind, SAEs included
+        if c.architecture != "snmf":
+            fit.fit_options(args, c.architecture)
     fitted = [c for c in cfgs if c.architecture in fit.FROM_LABELS + fit.FROM_STORE]
     if fitted and len(cfgs) > 1:
         raise UnitscopeError("only gradient-trained kinds can be swept together; fit one kind at a time")
