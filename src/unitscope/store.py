@@ -66,7 +66,7 @@ def _valid_manifest(m: Any) -> bool:
     return m["tokens"] == sum(e["tokens"] for e in m["shards"])
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -194,7 +194,7 @@ class Store:
             os.fsync(f.fileno())
         os.replace(tmp, final)
         entry = {"file": rel, "tokens": int(len(tokens)), "windows": windows,
-                 "bytes": final.stat().st_size, "sha256": _sha256(final)}
+                 "bytes": final.stat().st_size, "sha256": file_sha256(final)}
         self.manifest["shards"].append(entry)
         self.manifest["tokens"] = int(sum(s["tokens"] for s in self.manifest["shards"]))
         write_json_atomic(self.root / "store.json", self.manifest)
@@ -239,7 +239,7 @@ class Store:
         shards = self.manifest["shards"]
         for i, entry in enumerate(tqdm(shards, unit="shard", desc="verify", disable=not progress)):
             self.shard(i)
-            if _sha256(self.root / entry["file"]) != entry["sha256"]:
+            if file_sha256(self.root / entry["file"]) != entry["sha256"]:
                 raise UnitscopeError(f"store shard {Path(entry['file']).name} is corrupt: its checksum does not match "
                                      "the manifest; re-record the store (or record again with --overwrite)")
             checked += int(entry.get("bytes", 0))

@@ -10,16 +10,6 @@ from ..errors import UnitscopeError
 from . import options
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be zero or a positive finite number, not {text}")
-    return value
-
-
 def _units(text: str) -> list[int]:
     """A unit index or an inclusive range `a-b`."""
     try:
@@ -52,7 +42,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-retries", type=options.non_negative_int, default=4, help="retries of a failed request")
     p.add_argument("--timeout", type=options.positive_float, default=60.0, help="seconds to wait for one answer")
     p.add_argument("--rate-limit", type=options.positive_float, default=None, help="most requests started per second")
-    p.add_argument("--temperature", type=_non_negative_float, default=0.0)
+    p.add_argument("--temperature", type=options.non_negative_float, default=0.0)
     p.add_argument("--seed", type=options.non_negative_int, default=0,
                    help="seeds the split, the excerpts, the fuzzing marks and the model's sampling")
     p.add_argument("--examples", type=options.positive_int, default=10, help="excerpts the explainer sees")

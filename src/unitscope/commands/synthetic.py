@@ -7,16 +7,6 @@ import argparse
 from . import options
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be zero or a positive finite number, not {text}")
-    return value
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser("synthetic", help="write a store of known sparse features in superposition (ground truth)")
     p.add_argument("--out", required=True, help="store directory to write")
@@ -24,11 +14,11 @@ def add_parser(sub) -> None:
     p.add_argument("--dims", type=options.positive_int, default=128, help="dimension of the rows")
     p.add_argument("--rows", type=options.positive_int, default=200_000, help="rows (tokens) in the store")
     p.add_argument("--active", type=options.positive_float, default=4.0, help="mean active features per row")
-    p.add_argument("--power-law", type=_non_negative_float, default=1.0,
+    p.add_argument("--power-law", type=options.non_negative_float, default=1.0,
                    help="feature of rank r fires with probability ∝ r^-power_law")
     p.add_argument("--correlated-pairs", type=options.non_negative_int, default=16,
                    help="disjoint pairs of features that tend to fire together")
-    p.add_argument("--noise", type=_non_negative_float, default=0.01,
+    p.add_argument("--noise", type=options.non_negative_float, default=0.01,
                    help="Gaussian noise std relative to the signal's rms")
     p.add_argument("--seed", type=options.non_negative_int, default=0)
     p.add_argument("--shard-rows", type=options.positive_int, default=32768, help="rows per store shard")

@@ -25,10 +25,10 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="discard a checkpoint and start again")
     options.add_train(p)
     kinds = p.add_argument_group("options of particular kinds (each refused for a kind it does not apply to)")
-    kinds.add_argument("--l1-coefficient", type=_non_negative_float, default=None,
+    kinds.add_argument("--l1-coefficient", type=options.non_negative_float, default=None,
                        help="standard and ReLU transcoders: a fixed L1 coefficient instead of adapting it so that "
                             "the mean L0 settles at --k")
-    kinds.add_argument("--l0-coefficient", type=_non_negative_float, default=None,
+    kinds.add_argument("--l0-coefficient", type=options.non_negative_float, default=None,
                        help="jumprelu: a fixed L0 coefficient instead of adapting it so that the mean L0 settles "
                             "at --k")
     kinds.add_argument("--jumprelu-bandwidth", type=options.positive_float, default=None,
@@ -39,11 +39,11 @@ def add_parser(sub) -> None:
                             "(each below --units; the whole dictionary is always one)")
     kinds.add_argument("--aux-k", type=options.positive_int, default=None,
                        help="TopK kinds: dead latents used by the AuxK loss (default d_in / 2)")
-    kinds.add_argument("--aux-coefficient", type=_non_negative_float, default=None,
+    kinds.add_argument("--aux-coefficient", type=options.non_negative_float, default=None,
                        help="TopK kinds: weight of the AuxK loss (default 1/32)")
     kinds.add_argument("--dead-tokens", type=options.positive_int, default=None,
                        help="tokens without firing after which a latent counts as dead (AuxK, resampling)")
-    kinds.add_argument("--snmf-wta", type=_non_negative_float, default=None,
+    kinds.add_argument("--snmf-wta", type=options.non_negative_float, default=None,
                        help="snmf: winner-take-all fraction of each feature's coordinates kept (0: off; default "
                             "0.01 at an mlp_hidden site, as in the semi-NMF paper, and off elsewhere)")
     kinds.add_argument("--snmf-code-units", type=options.positive_int, default=None,
@@ -56,15 +56,6 @@ KIND_OPTIONS = {"l1_coefficient": "l1_coefficient", "l0_coefficient": "l0_coeffi
                 "jumprelu_bandwidth": "bandwidth", "matryoshka_prefixes": "prefixes", "aux_k": "aux_k",
                 "aux_coefficient": "aux_coef"}
 
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be zero or a positive finite number, not {text}")
-    return value
 
 
 def apply_kind_options(args: argparse.Namespace, cfgs: list) -> None:

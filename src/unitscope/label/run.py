@@ -12,7 +12,6 @@ or another explanation), since its rows would not be comparable.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import threading
@@ -30,6 +29,7 @@ import pyarrow.parquet as pq
 
 from ..atomic import recover, replace_dir, write_json_atomic
 from ..errors import UnitscopeError
+from ..store import file_sha256
 from . import prompts
 from .client import EndpointError
 from .scoring import Excerpt, auc, balanced_accuracy, crop, f1, fuzz_marks, split
@@ -68,13 +68,6 @@ ANSWER_SCHEMA = pa.schema([
     ("attempts", pa.int32()),
 ])
 
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def explanation_units(explanations: Path) -> list[int]:
