@@ -11,7 +11,7 @@ import pytest
 from conftest import run_cli
 from test_cli import _fails
 
-from unitscope.compare import compare_run, format_table
+from unitscope.compare import compare_run, format_table, write_compare
 
 SITE = "blocks.1.mlp_hidden"  # the tiny Llama's intermediate_size: 64 neurons
 KINDS = ["topk", "topk", "pca", "neurons"]
@@ -153,9 +153,38 @@ def test_uniqueness_and_label_scores_are_shown_when_present(several, tmp_path):
     text = format_table(list(rows.values()))
     mean_f1 = sum(v for v in f1 if v is not None) / 3
     printed = {line.split()[0]: line.split() for line in text.splitlines()[1:]}
-    assert printed["topk-128-k4"][-3:] == ["0.375", "0.125", "-"]
-    assert printed["pca-64"][-1] == f"{mean_f1:.3f}"
-    assert printed["neurons-64"][-3:] == ["-", "-", "-"]  # neurons: no figure, shown as '-'
+    assert printed["topk-128-k4"][-5:-2] == ["0.375", "0.125", "-"]
+    assert printed["pca-64"][-3] == f"{mean_f1:.3f}"
+    assert printed["neurons-64"][-5:] == ["-"] * 5  # neurons: no figure, shown as '-'
+
+
+def test_llm_label_scores_are_the_mean_over_units_labelled_without_error(several, tmp_path):
+    """`unitscope label`'s labels.parquet (RUN/labels/ID) gives the detection and fuzzing columns; a unit whose
+    labelling failed, or whose score is undefined, is left out of the mean rather than counted as zero."""
+    from unitscope.label.run import LABEL_SCHEMA
+
+    root, _ = several
+    copy = tmp_path / "run"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("store", "report"))
+    rows = []
+    for unit, det, fuzz, error in ((0, 0.9, 0.7, None), (1, 0.6, None, None), (2, None, None, "timed out"),
+                                   (3, 0.3, 0.5, None), (4, float("nan"), 0.6, None)):
+        row = {name: None for name in LABEL_SCHEMA.names}
+        row.update(unit=unit, label=f"unit {unit}", detection_balanced_accuracy=det,
+                   fuzzing_balanced_accuracy=fuzz, error=error)
+        rows.append(row)
+    (copy / "labels" / "pca-64").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=LABEL_SCHEMA), copy / "labels" / "pca-64" / "labels.parquet")
+    got = {r["dictionary"]: r for r in compare_run(copy)}
+    assert got["pca-64"]["llm_labels"] == 4
+    assert got["pca-64"]["detection_balanced_accuracy"] == pytest.approx((0.9 + 0.6 + 0.3) / 3)
+    assert got["pca-64"]["fuzzing_balanced_accuracy"] == pytest.approx((0.7 + 0.5 + 0.6) / 3)
+    assert got["topk-128-k4"]["llm_labels"] is None and got["topk-128-k4"]["detection_balanced_accuracy"] is None
+    printed = {line.split()[0]: line.split() for line in format_table(list(got.values())).splitlines()[1:]}
+    assert printed["pca-64"][-2:] == [f"{(0.9 + 0.6 + 0.3) / 3:.3f}", f"{(0.7 + 0.5 + 0.6) / 3:.3f}"]
+    write_compare(copy, list(got.values()))
+    assert pq.read_table(copy / "compare.parquet").column("llm_labels").to_pylist()[
+        [r["dictionary"] for r in got.values()].index("pca-64")] == 4
 
 
 def test_bad_input_is_one_sentence_and_writes_nothing(several, tmp_path, capsys):

@@ -3,8 +3,9 @@
 Rows come from what the run's stages wrote: `dictionaries/ID/cfg.json` (kind, units, site),
 `evals/ID/core.json` (L0, FVU, CE loss recovered, KL, dead and dense units, and the fraction of codes that
 meet the uniqueness condition, under the whitened and the Euclidean inner product, when the eval JSON has a
-`geometry` section) and `explain/ID/concepts.parquet` (the mean
-precision, recall and F1 of the units' concept labels when that table exists). Nothing is recomputed, so
+`geometry` section), `explain/ID/concepts.parquet` (the mean precision, recall and F1 of the units' concept
+labels when that table exists) and `labels/ID/labels.parquet` (the mean detection and fuzzing balanced
+accuracy of the LLM-written labels that `unitscope label` scored without error). Nothing is recomputed, so
 the table agrees with those files by construction. A figure that a file does not hold is None (shown `-`).
 
 `compare_run(root)` reads the rows; `write_compare(root, rows)` writes `compare.parquet` and `compare.png`
@@ -36,7 +37,8 @@ SCHEMA = pa.schema([
     ("ce_loss_score_zero_evaluated_positions", pa.float64()), ("kl_div", pa.float64()),
     ("frac_dead_units", pa.float64()), ("frac_dense_units", pa.float64()), ("uniqueness_fraction", pa.float64()),
     ("uniqueness_fraction_euclidean", pa.float64()), ("label_precision", pa.float64()),
-    ("label_recall", pa.float64()), ("label_f1", pa.float64()),
+    ("label_recall", pa.float64()), ("label_f1", pa.float64()), ("llm_labels", pa.int64()),
+    ("detection_balanced_accuracy", pa.float64()), ("fuzzing_balanced_accuracy", pa.float64()),
     ("eval_tokens", pa.int64()),
 ])
 
@@ -45,7 +47,8 @@ COLUMNS = (("dictionary", "dictionary", "{}"), ("kind", "kind", "{}"), ("units",
            ("l0", "L0", "{:.1f}"), ("fvu", "FVU", "{:.4f}"), ("ce_loss_score", "CE rec", "{:.4f}"),
            ("kl_div", "KL", "{:.4f}"), ("frac_dead_units", "dead", "{:.3f}"), ("frac_dense_units", "dense", "{:.3f}"),
            ("uniqueness_fraction", "unique", "{:.3f}"), ("uniqueness_fraction_euclidean", "unique E", "{:.3f}"),
-           ("label_f1", "label F1", "{:.3f}"))
+           ("label_f1", "label F1", "{:.3f}"), ("detection_balanced_accuracy", "detect", "{:.3f}"),
+           ("fuzzing_balanced_accuracy", "fuzz", "{:.3f}"))
 
 # where each eval figure sits in the SAEBench-shaped JSON
 _EVAL_FIELDS = {"l0": ("sparsity", "l0"), "fvu": ("reconstruction_quality", "fvu"),
@@ -132,6 +135,26 @@ def label_scores(explain_dir: Path) -> dict[str, float | None]:
     return out
 
 
+def llm_label_scores(labels_dir: Path) -> dict[str, float | int | None]:
+    """Mean detection and fuzzing balanced accuracy over the units `unitscope label` scored without error."""
+    out: dict[str, float | int | None] = {"llm_labels": None, "detection_balanced_accuracy": None,
+                                          "fuzzing_balanced_accuracy": None}
+    path = recover(labels_dir) / "labels.parquet"
+    if not path.is_file():
+        return out
+    try:
+        table = pq.read_table(path).to_pydict()
+    except (pa.ArrowInvalid, OSError):
+        raise UnitscopeError(f"{str(path)!r} is not a readable Parquet table; rerun `unitscope label`") from None
+    ok = [i for i, e in enumerate(table.get("error") or []) if e is None]
+    out["llm_labels"] = len(ok)
+    for column in ("detection_balanced_accuracy", "fuzzing_balanced_accuracy"):
+        values = [float(table[column][i]) for i in ok if column in table and table[column][i] is not None]
+        values = [v for v in values if math.isfinite(v)]
+        out[column] = sum(values) / len(values) if values else None
+    return out
+
+
 def _order(root: Path, ids: set[str]) -> list[str]:
     """The run's own dictionaries in the order it made them, then any others by name."""
     try:
@@ -178,6 +201,7 @@ def compare_run(root: str | Path) -> list[dict[str, Any]]:
             row["units"] = row["units"] if row["units"] is not None else cfg.get("d_sae")
             row["site"] = row["site"] or (cfg.get("metadata") or {}).get("hook_name")
         row.update(label_scores(root / "explain" / did))
+        row.update(llm_label_scores(root / "labels" / did))
         rows.append(row)
     return rows
 
