@@ -159,9 +159,31 @@ def test_the_dictionaries_a_run_makes_from_several_kinds():
     assert plan("--architecture", "pca", "neurons", "--units", "16", "32") == ["pca-16", "pca-32", "neurons-64"]
     assert plan("--architecture", "topk:64", "batchtopk", "--units", "256", "--k", "8", "16") == \
         ["topk-64-k8", "topk-64-k16", "batchtopk-256-k8", "batchtopk-256-k16"]
+    # kinds whose sparsity is a target L0 also sweep k and name it, so a sweep never writes twice into one folder
+    assert plan("--architecture", "standard", "jumprelu", "pca", "--units", "128", "--k", "4", "8") == \
+        ["standard-128-k4", "standard-128-k8", "jumprelu-128-k4", "jumprelu-128-k8", "pca-64"]
     with pytest.raises(UnitscopeError, match="'snmf:0'.*positive whole number"):
         plan("--architecture", "snmf:0")
     with pytest.raises(UnitscopeError, match="k=32 is not valid for 16 units"):
         plan("--architecture", "topk:16")
     with pytest.raises(UnitscopeError, match="unknown architecture 'nmf'"):
         plan("--architecture", "nmf:16")
+
+
+def test_run_gives_each_kind_its_own_options_and_refuses_one_no_kind_of_the_run_takes():
+    from unitscope.commands.run import run_configs
+
+    def configs(*argv):
+        args = build_parser().parse_args(["run", *argv])
+        return {c.architecture: c for c in run_configs(args)}, run_config(args, list(run_configs(args)),
+                                                                            ["blocks.6.resid_post"])
+
+    cfgs, recorded = configs("--architecture", "topk", "jumprelu", "snmf:16", "--units", "64", "--k", "4",
+                             "--jumprelu-bandwidth", "0.1", "--aux-k", "7", "--snmf-wta", "0")
+    assert cfgs["jumprelu"].extra["bandwidth"] == 0.1 and "bandwidth" not in cfgs["topk"].extra
+    assert cfgs["topk"].extra["aux_k"] == 7
+    assert recorded["jumprelu_bandwidth"] == 0.1 and recorded["aux_k"] == 7 and recorded["snmf_wta"] == 0
+    with pytest.raises(UnitscopeError, match="--jumprelu-bandwidth applies to jumprelu, not to pca, topk"):
+        configs("--architecture", "topk", "pca", "--jumprelu-bandwidth", "0.1")
+    with pytest.raises(UnitscopeError, match="--snmf-wta applies to snmf, not to topk"):
+        configs("--architecture", "topk", "--snmf-wta", "0.5")

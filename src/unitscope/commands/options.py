@@ -164,7 +164,7 @@ def train_configs(args: argparse.Namespace) -> list:
     cfgs = []
     for arch in args.architecture:
         for units in args.units:
-            for k in args.k if "topk" in arch else args.k[:1]:
+            for k in args.k if takes_k(arch) else args.k[:1]:
                 cfg = TrainConfig(architecture=arch, n_units=units, k=k, lr=args.lr, batch_size=args.batch_size,
                                   train_tokens=args.train_tokens, seed=args.seed,
                                   checkpoint_every=args.checkpoint_every, compute_dtype=args.compute_dtype,
@@ -174,5 +174,14 @@ def train_configs(args: argparse.Namespace) -> list:
     return cfgs
 
 
+def takes_k(architecture: str) -> bool:
+    """Whether a kind's sparsity depends on k: TopK kinds select k units, ReLU and JumpReLU kinds target L0 = k."""
+    from ..dictionaries.base import ARCHITECTURES
+    from ..dictionaries.train import _accepts
+
+    return architecture in ARCHITECTURES and _accepts(ARCHITECTURES[architecture], "k")
+
+
 def dictionary_id(cfg) -> str:
-    return f"{cfg.architecture}-{cfg.n_units}" + (f"-k{cfg.k}" if "topk" in cfg.architecture else "")
+    """A dictionary's folder name: kind and units, and k for every kind that takes it (so a k sweep never collides)."""
+    return f"{cfg.architecture}-{cfg.n_units}" + (f"-k{cfg.k}" if takes_k(cfg.architecture) else "")

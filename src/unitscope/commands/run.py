@@ -18,6 +18,7 @@ from ..errors import UnitscopeError
 from . import inputs, options
 from .evaluate import print_metrics
 from .report import report_title
+from .train import KIND_OPTION_NAMES, add_kind_options, apply_kind_options
 
 
 def add_parser(sub) -> None:
@@ -28,6 +29,7 @@ def add_parser(sub) -> None:
     options.add_model(p)
     options.add_record(p, defaults=True)
     options.add_train(p)
+    add_kind_options(p)
     p._option_string_actions["--architecture"].help += "; KIND:UNITS gives one kind its own units (e.g. snmf:256)"
     options.add_eval(p)
     p.add_argument("--top", type=options.positive_int, default=20, help="top examples per unit")
@@ -50,11 +52,13 @@ def run_config(args: argparse.Namespace, cfgs: list, sites: list[str]) -> dict:
             "batch_size": cfg.batch_size, "train_tokens": cfg.train_tokens, "seed": cfg.seed,
             "compute_dtype": cfg.compute_dtype, "train_device": cfg.device, "checkpoint_every": cfg.checkpoint_every,
             "resample_every": cfg.resample_every, "log_to": cfg.log_to,
+            **{name: getattr(args, name, None) for name in KIND_OPTION_NAMES},
             "eval_tokens": args.eval_tokens, "eval_batch_size": args.eval_batch_size, "top": args.top}
 
 
 def run_configs(args: argparse.Namespace) -> list:
-    """options.train_configs, where an --architecture value may name its own units as KIND:UNITS.
+    """options.train_configs, where an --architecture value may name its own units as KIND:UNITS, with each
+    kind's own options (--aux-k, --snmf-wta, ...) put into the configs of the kinds that take them.
 
     One --units rarely suits every kind: `--architecture topk snmf:256 neurons --units 4608` trains a 4608-unit
     TopK SAE and fits a 256-unit semi-NMF (whose cost grows with its units far faster than an SAE's)."""
@@ -73,6 +77,11 @@ def run_configs(args: argparse.Namespace) -> list:
             cfg = replace(cfg, n_units=n)
             cfg.validate()
             cfgs.append(cfg)
+    apply_kind_options(args, cfgs)
+    if not any(c.architecture == "snmf" for c in cfgs):
+        from ..dictionaries.fit import fit_options
+
+        fit_options(args, cfgs[0].architecture)  # refuses --snmf-* when the run fits no semi-NMF
     return cfgs
 
 
@@ -112,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     for c in cfgs:
         if c.architecture in fit.FROM_LABELS:
             raise UnitscopeError(f"{c.architecture} needs labelled text; use `unitscope train --labels`")
+    snmf_options = fit.fit_options(args, "snmf")
     root = options.output_dir(Path(args.runs_dir) / args.name)
     run = Run(root, run_config(args, cfgs, sites), overwrite=args.overwrite)
     corpus = Corpus(args.corpus, field=args.field)
@@ -150,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
     def fit_one(c, did: str) -> dict:
         print(f"[train] fitting {did}")
         fit.fit_from_store(Store.open(store_dir), sites[0], c.architecture, c.n_units, subject=subject,
-                           seed=c.seed).save(dict_dir(did))
+                           seed=c.seed, options=snmf_options if c.architecture == "snmf" else None,
+                           ).save(dict_dir(did))
         return saved(did)
 
     def do_train():

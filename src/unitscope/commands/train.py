@@ -24,6 +24,12 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="dictionary directory")
     p.add_argument("--overwrite", action="store_true", help="discard a checkpoint and start again")
     options.add_train(p)
+    add_kind_options(p)
+    p.set_defaults(func=run)
+
+
+def add_kind_options(p: argparse.ArgumentParser) -> None:
+    """The options of particular kinds, shared by `train` and `run` (each refused for a kind it does not apply to)."""
     kinds = p.add_argument_group("options of particular kinds (each refused for a kind it does not apply to)")
     kinds.add_argument("--l1-coefficient", type=options.non_negative_float, default=None,
                        help="standard and ReLU transcoders: a fixed L1 coefficient instead of adapting it so that "
@@ -48,13 +54,14 @@ def add_parser(sub) -> None:
                             "0.01 at an mlp_hidden site, as in the semi-NMF paper, and off elsewhere)")
     kinds.add_argument("--snmf-code-units", type=options.positive_int, default=None,
                        help="snmf: units in each token's code (default d / 4, at most 64)")
-    p.set_defaults(func=run)
 
 
 # command-line option -> the constructor argument of the kinds it applies to
 KIND_OPTIONS = {"l1_coefficient": "l1_coefficient", "l0_coefficient": "l0_coefficient",
                 "jumprelu_bandwidth": "bandwidth", "matryoshka_prefixes": "prefixes", "aux_k": "aux_k",
                 "aux_coefficient": "aux_coef"}
+# every option of add_kind_options, as run.json records them (the train stage owns them)
+KIND_OPTION_NAMES = (*KIND_OPTIONS, "dead_tokens", "snmf_wta", "snmf_code_units")
 
 
 
