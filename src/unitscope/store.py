@@ -78,6 +78,19 @@ def shard_name(i: int) -> str:
     return f"shards/{i:06d}.safetensors"
 
 
+def _valid_entry(info: Any) -> bool:
+    """One safetensors header entry a reader can trust: a known dtype, a shape, offsets that span exactly it."""
+    if not isinstance(info, dict) or info.get("dtype") not in _ST_DTYPES:
+        return False
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and all(_count(v) for v in shape)):
+        return False
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(v) for v in offsets)):
+        return False
+    itemsize = np.dtype(_ST_DTYPES[info["dtype"]][0]).itemsize
+    return offsets[1] - offsets[0] == int(np.prod(shape, dtype=object)) * itemsize
+
+
 class Shard:
     """One shard, memory-mapped: tensors are views on the file, read from disk only when touched."""
 
@@ -96,6 +109,9 @@ class Shard:
                 header = json.loads(f.read(n))
         except (struct.error, json.JSONDecodeError, UnicodeDecodeError, OverflowError, MemoryError):
             raise UnitscopeError(f"store shard {path.name} is corrupt: its safetensors header cannot be read") from None
+        if not isinstance(header, dict) or not all(_valid_entry(v) for k, v in header.items() if k != "__metadata__"):
+            raise UnitscopeError(f"store shard {path.name} is corrupt: its safetensors header does not describe "
+                                 "arrays (dtype, shape and byte offsets that agree)")
         self._offset = 8 + n
         self._header = {k: v for k, v in header.items() if k != "__metadata__"}
         self._mm = np.memmap(path, dtype=np.uint8, mode="r")

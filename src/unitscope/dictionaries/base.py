@@ -141,10 +141,14 @@ def load_dictionary(path: str | Path, device: str = "cpu") -> Dictionary:
     if not cfg_path.is_file():
         raise UnitscopeError(f"{str(path)!r} is not a dictionary directory: it has no {CFG}")
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError:
+        cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise UnitscopeError(f"{str(cfg_path)!r} is not valid JSON") from None
+    if not isinstance(cfg, dict):
+        raise UnitscopeError(f"{str(cfg_path)!r} holds a JSON {type(cfg).__name__}, not an object of settings")
     arch = cfg.get("architecture")
+    if not isinstance(arch, str):
+        arch = repr(arch)
     if arch not in ARCHITECTURES:
         raise UnitscopeError(
             f"unknown dictionary architecture {arch!r} in {str(cfg_path)!r}; known architectures are "
@@ -162,4 +166,13 @@ def load_dictionary(path: str | Path, device: str = "cpu") -> Dictionary:
             bad = int((~torch.isfinite(tensor)).sum())
             raise UnitscopeError(f"{str(wpath)!r} is unusable: its tensor {key!r} holds {bad} NaN or infinite "
                                  "value(s); retrain the dictionary or restore an earlier copy")
-    return ARCHITECTURES[arch].from_weights(cfg, weights).to(device).eval()
+    try:
+        d = ARCHITECTURES[arch].from_weights(cfg, weights)
+    except UnitscopeError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, AttributeError) as e:
+        # a hand-edited or mismatched cfg.json (wrong type, size or shape): name the files, not the internals
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UnitscopeError(f"{str(path)!r} does not hold a valid {arch} dictionary: its {CFG} and {WEIGHTS} "
+                             f"disagree or a setting is invalid ({why})") from None
+    return d.to(device).eval()
