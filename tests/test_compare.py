@@ -132,7 +132,7 @@ def test_uniqueness_and_label_scores_are_shown_when_present(several, tmp_path):
     root, _ = several
     copy = tmp_path / "run"
     shutil.copytree(root, copy, ignore=shutil.ignore_patterns("store", "report"))
-    for did, geometry in (("topk-128-k4", {"whitened": {"uniqueness_fraction": 0.375},
+    for did, geometry in (("topk-128-k4", {"whitened": {"uniqueness_fraction": 0.375, "median_uniqueness_ratio": 1.5},
                                            "euclidean": {"uniqueness_fraction": 0.125}}), ("neurons-64", None)):
         core_path = copy / "evals" / did / "core.json"
         core = json.loads(core_path.read_text())
@@ -148,14 +148,15 @@ def test_uniqueness_and_label_scores_are_shown_when_present(several, tmp_path):
     rows = {r["dictionary"]: r for r in compare_run(copy)}
     assert rows["topk-128-k4"]["uniqueness_fraction"] == 0.375
     assert rows["topk-128-k4"]["uniqueness_fraction_euclidean"] == 0.125
+    assert rows["topk-128-k4"]["uniqueness_ratio"] == 1.5
     assert rows["pca-64"]["label_f1"] == pytest.approx((0.5 + 1.0 + 0.25) / 3)  # the unit without one is left out
     assert rows["neurons-64"]["uniqueness_fraction"] is None and rows["topk-128-k4"]["label_f1"] is None
     text = format_table(list(rows.values()))
     mean_f1 = sum(v for v in f1 if v is not None) / 3
     printed = {line.split()[0]: line.split() for line in text.splitlines()[1:]}
-    assert printed["topk-128-k4"][-5:-2] == ["0.375", "0.125", "-"]
+    assert printed["topk-128-k4"][-6:-2] == ["0.375", "0.125", "1.50", "-"]
     assert printed["pca-64"][-3] == f"{mean_f1:.3f}"
-    assert printed["neurons-64"][-5:] == ["-"] * 5  # neurons: no figure, shown as '-'
+    assert printed["neurons-64"][-6:] == ["-"] * 6  # neurons: no figure, shown as '-'
 
 
 def test_llm_label_scores_are_the_mean_over_units_labelled_without_error(several, tmp_path):

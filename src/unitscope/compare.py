@@ -36,7 +36,8 @@ SCHEMA = pa.schema([
     ("l0", pa.float64()), ("fvu", pa.float64()), ("ce_loss_score", pa.float64()),
     ("ce_loss_score_zero_evaluated_positions", pa.float64()), ("kl_div", pa.float64()),
     ("frac_dead_units", pa.float64()), ("frac_dense_units", pa.float64()), ("uniqueness_fraction", pa.float64()),
-    ("uniqueness_fraction_euclidean", pa.float64()), ("label_precision", pa.float64()),
+    ("uniqueness_fraction_euclidean", pa.float64()), ("uniqueness_ratio", pa.float64()),
+    ("label_precision", pa.float64()),
     ("label_recall", pa.float64()), ("label_f1", pa.float64()), ("llm_labels", pa.int64()),
     ("detection_balanced_accuracy", pa.float64()), ("fuzzing_balanced_accuracy", pa.float64()),
     ("eval_tokens", pa.int64()),
@@ -47,6 +48,7 @@ COLUMNS = (("dictionary", "dictionary", "{}"), ("kind", "kind", "{}"), ("units",
            ("l0", "L0", "{:.1f}"), ("fvu", "FVU", "{:.4f}"), ("ce_loss_score", "CE rec", "{:.4f}"),
            ("kl_div", "KL", "{:.4f}"), ("frac_dead_units", "dead", "{:.3f}"), ("frac_dense_units", "dense", "{:.3f}"),
            ("uniqueness_fraction", "unique", "{:.3f}"), ("uniqueness_fraction_euclidean", "unique E", "{:.3f}"),
+           ("uniqueness_ratio", "(2K-1)mu", "{:.2f}"),
            ("label_f1", "label F1", "{:.3f}"), ("detection_balanced_accuracy", "detect", "{:.3f}"),
            ("fuzzing_balanced_accuracy", "fuzz", "{:.3f}"))
 
@@ -86,19 +88,23 @@ def _read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
-def uniqueness_fractions(result: dict[str, Any], path: Path) -> tuple[float | None, float | None]:
-    """(whitened, Euclidean) fraction of codes meeting the uniqueness condition, from the eval JSON's `geometry`
-    section (evaluate/geometry.py); None where the section or the figure is absent (e.g. a kind without
-    directions). The whitened one is the Atoms paper's inner product, the figure to compare kinds by."""
+def uniqueness(result: dict[str, Any], path: Path) -> dict[str, float | None]:
+    """From the eval JSON's `geometry` section (evaluate/geometry.py): the whitened and Euclidean fraction of codes
+    meeting the uniqueness condition, and the whitened median of (2K − 1)·μ_A (below 1 means unique), which still
+    orders kinds when the strict condition holds for almost no code (large K); None where absent (e.g. a kind
+    without directions). The whitened figures use the Atoms paper's inner product, the one to compare kinds by."""
     geometry = result.get("geometry")
+    fields = {"uniqueness_fraction": ("whitened", "uniqueness_fraction"),
+              "uniqueness_fraction_euclidean": ("euclidean", "uniqueness_fraction"),
+              "uniqueness_ratio": ("whitened", "median_uniqueness_ratio")}
+    out: dict[str, float | None] = dict.fromkeys(fields)
     if not isinstance(geometry, dict):
-        return None, None
-    out = []
-    for space in ("whitened", "euclidean"):
+        return out
+    for column, (space, key) in fields.items():
         section = geometry.get(space)
-        value = section.get("uniqueness_fraction") if isinstance(section, dict) else None
-        out.append(_number(value, f"geometry.{space}.uniqueness_fraction", path))
-    return out[0], out[1]
+        value = section.get(key) if isinstance(section, dict) else None
+        out[column] = _number(value, f"geometry.{space}.{key}", path)
+    return out
 
 
 def _eval_row(path: Path) -> dict[str, Any]:
@@ -111,7 +117,7 @@ def _eval_row(path: Path) -> dict[str, Any]:
         value = (metrics.get(group) or {}).get(key)
         row[column] = _number(value, f"{group}.{key}", path)
     row["eval_tokens"] = (metrics.get("misc") or {}).get("n_tokens")
-    row["uniqueness_fraction"], row["uniqueness_fraction_euclidean"] = uniqueness_fractions(result, path)
+    row.update(uniqueness(result, path))
     about = result.get("dictionary") or {}
     row["kind"], row["units"] = about.get("architecture"), about.get("n_units")
     row["site"] = (result.get("eval_config") or {}).get("input_site")
