@@ -4,7 +4,10 @@ Layout (DESIGN.md): `store.json` (model, sites and widths, dtype, tokens, contex
 provenance, complete shards with token counts and checksums) and `shards/NNNNNN.safetensors`, each
 holding `tokens`, `doc`, `pos` (int32 [n]) and `acts.<site>` [n, d]. A shard is written to a temporary
 name and renamed when complete; the manifest is rewritten atomically after it, so a killed writer leaves
-at worst an orphan shard that the next writer replaces.
+at worst an orphan shard that the next writer replaces. A store may also live on any fsspec file system
+(`s3://bucket/store`): each shard and the manifest are one whole-object write, the manifest last, and shards
+are read from a verified local mirror (see fs.py). Under torchrun each rank writes its own shards
+(`write_shard`) and rank 0 lists them (`add_shards`).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 from tqdm.auto import tqdm
 
+from . import fs as rfs
 from .atomic import write_json_atomic
 from .errors import UnitscopeError
 
@@ -91,6 +95,13 @@ def _valid_entry(info: Any) -> bool:
     return offsets[1] - offsets[0] == int(np.prod(shape, dtype=object)) * itemsize
 
 
+def part_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [lo, hi) of a batch of `n` that rank `rank` of `world` takes (the first n % world ranks one more)."""
+    per, extra = divmod(n, world)
+    lo = rank * per + min(rank, extra)
+    return lo, lo + per + (rank < extra)
+
+
 class Shard:
     """One shard, memory-mapped: tensors are views on the file, read from disk only when touched."""
 
@@ -137,13 +148,29 @@ class Shard:
 class Store:
     """An activation store on disk. `Store.open(dir)` for reading, `Store.create(...)` for writing."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any]):
+    def __init__(self, root: Path, manifest: dict[str, Any], url: str | None = None):
         self.root, self.manifest = root, manifest
         self._shards: dict[int, Shard] = {}
+        # a remote store: `url` names it, `root` is its local mirror (shards are fetched there when first read)
+        self.url = url
+        self._fs, self._rpath = rfs.filesystem(url) if url else (None, None)
+
+    @property
+    def location(self) -> str:
+        """Where the store is, as the user named it (a path or a URL)."""
+        return self.url or str(self.root)
+
+    def _write_manifest(self) -> None:
+        if self.url:
+            rfs.put_json(self._fs, f"{self._rpath}/store.json", self.manifest)
+        else:
+            write_json_atomic(self.root / "store.json", self.manifest)
 
     # ---- opening and creating -------------------------------------------------------------------
     @classmethod
     def open(cls, root: str | Path) -> Store:
+        if rfs.is_url(root):
+            return cls._open_remote(str(root))
         root = Path(root)
         mpath = root / "store.json"
         if not mpath.is_file():
@@ -157,20 +184,24 @@ class Store:
         return cls(root, manifest)
 
     @classmethod
+    def _open_remote(cls, url: str) -> Store:
+        fs, rpath = rfs.filesystem(url)
+        manifest = rfs.read_json(fs, f"{rpath}/store.json")
+        if manifest is None and not fs.exists(f"{rpath}/store.json"):
+            raise UnitscopeError(f"{url!r} is not an activation store: it has no store.json")
+        if not _valid_manifest(manifest):
+            raise UnitscopeError(f"the manifest {url.rstrip('/') + '/store.json'!r} is corrupt; re-record the store")
+        return cls(rfs.mirror_dir(url), manifest, url=url)
+
+    @classmethod
     def create(cls, root: str | Path, identity: dict[str, Any], overwrite: bool = False) -> Store:
         """Open `root` for appending if it holds a store with the same identity, else start a new one."""
+        if rfs.is_url(root):
+            return cls._create_remote(str(root), identity, overwrite)
         root = Path(root)
         if (root / "store.json").exists() and not overwrite:
             store = cls.open(root)
-            for key in IDENTITY_KEYS:
-                if key == "model_fingerprint" and key not in store.manifest:
-                    continue  # stores recorded before fingerprints: the model name is compared instead
-                if store.manifest.get(key) != identity.get(key):
-                    raise UnitscopeError(
-                        f"{str(root)!r} holds a store recorded with a different {key} "
-                        f"({store.manifest.get(key)!r}, not {identity.get(key)!r}); choose another --out "
-                        "or pass --overwrite"
-                    )
+            store._check_identity(identity)
             store._drop_orphans()
             return store
         if root.exists() and not root.is_dir():
@@ -186,8 +217,42 @@ class Store:
             store._drop_orphans()
         return store
 
+    @classmethod
+    def _create_remote(cls, url: str, identity: dict[str, Any], overwrite: bool) -> Store:
+        fs, rpath = rfs.filesystem(url)
+        if fs.exists(f"{rpath}/store.json") and not overwrite:
+            store = cls._open_remote(url)
+            store._check_identity(identity)
+            store._drop_orphans()
+            return store
+        if fs.isfile(rpath):
+            raise UnitscopeError(f"{url!r} is an object, not a folder; choose a folder URL for the store")
+        if not fs.exists(f"{rpath}/store.json") and fs.exists(rpath) and fs.ls(rpath) and not overwrite:
+            raise UnitscopeError(f"{url!r} is not empty and holds no store; choose an empty or new folder")
+        store = cls(rfs.mirror_dir(url), {"format": FORMAT, **identity, "tokens": 0, "shards": []}, url=url)
+        store._write_manifest()  # the empty manifest first: every shard object there is an orphan from now on
+        store._drop_orphans()
+        return store
+
+    def _check_identity(self, identity: dict[str, Any]) -> None:
+        for key in IDENTITY_KEYS:
+            if key == "model_fingerprint" and key not in self.manifest:
+                continue  # stores recorded before fingerprints: the model name is compared instead
+            if self.manifest.get(key) != identity.get(key):
+                raise UnitscopeError(
+                    f"{self.location!r} holds a store recorded with a different {key} "
+                    f"({self.manifest.get(key)!r}, not {identity.get(key)!r}); choose another --out "
+                    "or pass --overwrite"
+                )
+
     def _drop_orphans(self) -> None:
         listed = {s["file"] for s in self.manifest["shards"]}
+        if self.url:
+            shards = f"{self._rpath}/shards"
+            for p in (self._fs.ls(shards, detail=False) if self._fs.exists(shards) else []):
+                if f"shards/{p.rstrip('/').rsplit('/', 1)[-1]}" not in listed:
+                    self._fs.rm(p, recursive=True)
+            return
         for p in (self.root / "shards").glob("*"):
             if f"shards/{p.name}" not in listed:
                 p.unlink()
@@ -195,29 +260,41 @@ class Store:
     # ---- writing ----------------------------------------------------------------------------------
     def append_shard(self, tokens: np.ndarray, doc: np.ndarray, pos: np.ndarray,
                      acts: dict[str, torch.Tensor], windows: int) -> None:
-        i = len(self.manifest["shards"])
+        self.add_shards([self.write_shard(len(self.manifest["shards"]), tokens, doc, pos, acts, windows)])
+
+    def write_shard(self, i: int, tokens: np.ndarray, doc: np.ndarray, pos: np.ndarray,
+                    acts: dict[str, torch.Tensor], windows: int) -> dict[str, Any]:
+        """Write shard number `i` whole (not yet listed: `add_shards` does that); returns its manifest entry."""
         rel = shard_name(i)
-        final = self.root / rel
-        tmp = final.with_name(f".{final.name}.tmp")
         tensors = {
             "tokens": torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int32)),
             "doc": torch.from_numpy(np.ascontiguousarray(doc, dtype=np.int32)),
             "pos": torch.from_numpy(np.ascontiguousarray(pos, dtype=np.int32)),
             **{f"acts.{k}": v.contiguous() for k, v in acts.items()},
         }
+        if self.url:  # one PUT: the object appears whole or not at all
+            data = save(tensors)
+            self._fs.pipe_file(f"{self._rpath}/{rel}", data)
+            return {"file": rel, "tokens": int(len(tokens)), "windows": windows, "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest()}
+        final = self.root / rel
+        tmp = final.with_name(f".{final.name}.tmp")
         save_file(tensors, str(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        entry = {"file": rel, "tokens": int(len(tokens)), "windows": windows,
-                 "bytes": final.stat().st_size, "sha256": file_sha256(final)}
-        self.manifest["shards"].append(entry)
+        return {"file": rel, "tokens": int(len(tokens)), "windows": windows,
+                "bytes": final.stat().st_size, "sha256": file_sha256(final)}
+
+    def add_shards(self, entries: list[dict[str, Any]]) -> None:
+        """List written shards (in order, after the ones listed) in the manifest, rewritten whole."""
+        self.manifest["shards"].extend(entries)
         self.manifest["tokens"] = int(sum(s["tokens"] for s in self.manifest["shards"]))
-        write_json_atomic(self.root / "store.json", self.manifest)
+        self._write_manifest()
 
     def finish(self, **fields: Any) -> None:
         self.manifest.update(fields)
-        write_json_atomic(self.root / "store.json", self.manifest)
+        self._write_manifest()
 
     # ---- reading ----------------------------------------------------------------------------------
     @property
@@ -244,6 +321,8 @@ class Store:
     def shard(self, i: int) -> Shard:
         if i not in self._shards:
             entry = self.manifest["shards"][i]
+            if self.url:  # fetched once into the mirror, checked against the manifest's SHA-256
+                rfs.fetch(self._fs, f"{self._rpath}/{entry['file']}", self.root / entry["file"], entry["sha256"])
             self._shards[i] = Shard(self.root / entry["file"], entry.get("bytes"))
         return self._shards[i]
 
@@ -254,8 +333,14 @@ class Store:
         checked = 0
         shards = self.manifest["shards"]
         for i, entry in enumerate(tqdm(shards, unit="shard", desc="verify", disable=not progress)):
-            self.shard(i)
-            if file_sha256(self.root / entry["file"]) != entry["sha256"]:
+            if self.url:  # the objects themselves, not the mirror
+                if not self._fs.exists(f"{self._rpath}/{entry['file']}"):
+                    raise UnitscopeError(f"store shard {Path(entry['file']).name} is missing from {self.url!r}")
+                sha = rfs.object_sha256(self._fs, f"{self._rpath}/{entry['file']}")
+            else:
+                self.shard(i)
+                sha = file_sha256(self.root / entry["file"])
+            if sha != entry["sha256"]:
                 raise UnitscopeError(f"store shard {Path(entry['file']).name} is corrupt: its checksum does not match "
                                      "the manifest; re-record the store (or record again with --overwrite)")
             checked += int(entry.get("bytes", 0))
@@ -295,15 +380,18 @@ class Store:
         return np.concatenate([self.shard(i).get(key).numpy() for i in range(self.n_shards)])
 
     def batches(self, site: str | list[str], batch_size: int, mask: np.ndarray | None = None, seed: int = 0,
-                start_batch: int = 0, epochs: int | None = None, drop_last: bool = True) -> Iterator:
+                start_batch: int = 0, epochs: int | None = None, drop_last: bool = True,
+                part: tuple[int, int] | None = None) -> Iterator:
         """Shuffled batches of rows of `site` (rows where `mask` holds), deterministic in (seed, epoch).
 
         Rows are drawn shard-group by shard-group (up to `group` shards at a time), so memory stays
         bounded by a few shards however large the store is; `start_batch` skips ahead without reading
-        the skipped data, which is what makes resumed training exact.
+        the skipped data, which is what makes resumed training exact. `part=(rank, world)` reads only that
+        rank's contiguous slice of each (sorted) global batch: the slices of all ranks make up the batch.
         """
         sites = [site] if isinstance(site, str) else list(site)
-        for _, shard_rows in self.batch_plan(batch_size, mask, seed, start_batch, epochs, drop_last=drop_last):
+        for _, shard_rows in self.batch_plan(batch_size, mask, seed, start_batch, epochs, drop_last=drop_last,
+                                             part=part):
             outs = []
             for name in sites:
                 parts = [self.acts(name, s)[torch.from_numpy(rows)] for s, rows in shard_rows]
@@ -317,7 +405,8 @@ class Store:
             yield outs[0] if isinstance(site, str) else tuple(outs)
 
     def batch_plan(self, batch_size: int, mask: np.ndarray | None, seed: int, start_batch: int = 0,
-                   epochs: int | None = None, group: int = 4, drop_last: bool = True):
+                   epochs: int | None = None, group: int = 4, drop_last: bool = True,
+                   part: tuple[int, int] | None = None):
         sizes = [s["tokens"] for s in self.manifest["shards"]]
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         valid = np.flatnonzero(mask) if mask is not None else np.arange(offsets[-1])
@@ -336,6 +425,8 @@ class Store:
             shuffled = np.concatenate([rng.permutation(rows[a:a + chunk]) for a in range(0, len(rows), chunk)])
             for b in range(skip, per_epoch):
                 sel = np.sort(shuffled[b * batch_size:(b + 1) * batch_size])
+                if part is not None:
+                    sel = sel[slice(*part_bounds(len(sel), *part))]
                 shard_of = np.searchsorted(offsets, sel, side="right") - 1
                 plan = []
                 for s in np.unique(shard_of):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from ..distributed import batch_mean, batch_sum
 from ..errors import UnitscopeError
 from .base import FORMATS, Dictionary, register, require_weights
 from .kernels import select_encode, sparse_decode
@@ -34,8 +35,9 @@ class TrainOutput:
 
 
 def fvu(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    """FVU = sum ||x - x̂||² / sum ||x - mean(x)||²  (= 1 - explained variance; mean over the batch)."""
-    return (x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    """FVU = sum ||x - x̂||² / sum ||x - mean(x)||²  (= 1 - explained variance; mean over the batch). In a
+    data-parallel step the mean and the denominator are the global batch's, so the ranks' FVUs sum to the global one."""
+    return (x - recon).pow(2).sum() / batch_sum((x - batch_mean(x)).pow(2).sum()).clamp_min(1e-12)
 
 
 class SparseAutoencoder(Dictionary):
@@ -189,7 +191,7 @@ class SparseAutoencoder(Dictionary):
             # residual, so their encoder and decoder rows move towards what the live ones miss and they fire again
             residual = (target - recon).detach()
             vals, idx = pre.masked_fill(~dead, float("-inf")).topk(min(aux_k, n_dead), dim=1, sorted=False)
-            aux = fvu(residual, sparse_decode(F.relu(vals), idx, self.W_dec) + residual.mean(0))
+            aux = fvu(residual, sparse_decode(F.relu(vals), idx, self.W_dec) + batch_mean(residual))
             loss = loss + aux_coef * aux.nan_to_num(0.0)
             extra["auxk_fvu"] = float(aux.detach())
         fired = codes > 0
@@ -262,7 +264,7 @@ class TopKSAE(SparseAutoencoder):
         if ka:
             err = (target - recon).detach()
             aux_recon = sparse_decode(F.relu(vals[:, m:]), idx[:, m:], self.W_dec)
-            aux = fvu(err, aux_recon + err.mean(0))
+            aux = fvu(err, aux_recon + batch_mean(err))
             loss = loss + self.aux_coef * aux.nan_to_num(0.0)
             extra["auxk_fvu"] = float(aux.detach())
         if loss is not full:

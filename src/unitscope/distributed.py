@@ -1,0 +1,130 @@
+"""torch.distributed for `torchrun -m unitscope ...`: one process group, and the few collectives the stages use.
+
+Launched by torchrun (WORLD_SIZE > 1 in the environment), `init()` joins the group (gloo on CPU, NCCL when the
+stage runs on CUDA); launched plainly, every helper here is the identity and costs nothing, so one process runs
+exactly as before. Data-parallel training needs batch-level statistics over the *global* batch (the FVU
+denominator, the residual's mean in AuxK): `batch_sum` and `batch_mean` give them while `data_parallel()` is
+active, so each rank's loss is its share of the global loss and summing the gradients gives the global gradient.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+_DP = False  # inside a data-parallel training step
+
+
+def launched() -> bool:
+    """True when this process is one of several started by torchrun (or any launcher setting WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: str = "cpu") -> None:
+    """Join the process group once when launched by torchrun; a no-op for a single process."""
+    if not launched() or dist.is_initialized():
+        return
+    backend = "nccl" if str(device).startswith("cuda") and torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def local_device(device: str) -> str:
+    """`cuda` under torchrun means this rank's own GPU (LOCAL_RANK); any other device is kept."""
+    if launched() and device == "cuda":
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return device
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (just `[obj]` for one process)."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In place over ranks (sum or max); the tensor itself for one process."""
+    if active():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_grads(params: list[torch.Tensor]) -> None:
+    """Sum the gradients over ranks in one flat buffer (one collective per step, not one per tensor)."""
+    if not active():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+@contextmanager
+def data_parallel(on: bool = True) -> Iterator[None]:
+    """While active (and several ranks run), `batch_sum`/`batch_mean` reduce over the global batch."""
+    global _DP
+    before, _DP = _DP, on and active()
+    try:
+        yield
+    finally:
+        _DP = before
+
+
+def batch_sum(t: torch.Tensor) -> torch.Tensor:
+    """A (detached) sum over this rank's rows, made global in a data-parallel step; `t` itself otherwise."""
+    if not _DP:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t
+
+
+def batch_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of `x` over rows of the global batch in a data-parallel step (detached); `x.mean(0)` otherwise."""
+    if not _DP:
+        return x.mean(0)
+    total = torch.cat([x.detach().sum(0).reshape(-1), x.new_tensor([x.shape[0]])])
+    dist.all_reduce(total)
+    return (total[:-1] / total[-1]).view(x.shape[1:])
