@@ -85,9 +85,14 @@ class Subject:
             yield acts
 
     @contextmanager
-    def intervene(self, interventions: Sequence[hooks.Intervention]):
-        with hooks.intervene(self.model, interventions):
-            yield
+    def intervene(self, interventions: Sequence[Any], dictionaries: dict[str, Any] | None = None):
+        """Apply interventions for every forward (and generate()) inside the context: raw `hooks.Intervention`s
+        or the serialisable ones of `unitscope.causal.interventions` (`dictionaries` caches loaded dictionaries
+        by path). Yields the position tracker."""
+        from .causal.interventions import to_hooks
+
+        with hooks.intervene(self.model, to_hooks(self, interventions, dictionaries)) as tracker:
+            yield tracker
 
     def intervention(self, site: str, edit: hooks.Edit) -> hooks.Intervention:
         return hooks.Intervention(self.site(site), edit)
