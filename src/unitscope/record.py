@@ -7,6 +7,7 @@ no window missing, none twice.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .corpus import Corpus
 from .errors import UnitscopeError
 from .store import Store
@@ -46,55 +48,87 @@ def record(subject: Subject, corpus: Corpus, sites: Sequence[str], tokens: int, 
     sites = list(dict.fromkeys(sites))
     for s in sites:
         subject.site(s)  # unknown sites fail here, before anything is written
-    store = Store.create(out, store_identity(subject, corpus, sites, ctx_len), overwrite=overwrite)
-    if store.n_shards:  # resuming: the text and the shards it builds on must be the ones recorded
-        store.check_corpus(corpus)
-        store.verify(progress=progress)
+    distributed.init(str(getattr(subject, "device", "cpu")))
+    rank, world = distributed.rank(), distributed.world()
+    identity = store_identity(subject, corpus, sites, ctx_len)
+    failed: UnitscopeError | None = None
+    if rank == 0:  # one writer of the manifest; the other ranks open the store it made
+        try:
+            store = Store.create(out, identity, overwrite=overwrite)
+            if store.n_shards:  # resuming: the text and the shards it builds on must be the ones recorded
+                store.check_corpus(corpus)
+                store.verify(progress=progress)
+            store.finish(tokens_requested=int(tokens), complete=store.n_tokens >= tokens,
+                         corpus_fingerprint=corpus.fingerprint(), model_spec=subject.spec,
+                         specials=[int(t) for t in getattr(subject.tokenizer, "all_special_ids", [])])
+        except UnitscopeError as e:
+            failed = e
+    message = distributed.broadcast_object(str(failed) if failed else None)  # a refusal stops every rank
+    if failed:
+        raise failed
+    if message:
+        raise UnitscopeError(message)
+    if rank:
+        store = Store.open(out)
     done = store.n_tokens
-    store.finish(tokens_requested=int(tokens), complete=done >= tokens, corpus_fingerprint=corpus.fingerprint(),
-                 model_spec=subject.spec,
-                 specials=[int(t) for t in getattr(subject.tokenizer, "all_special_ids", [])])
     if done >= tokens:
         return store
     shard_windows = max(1, shard_tokens // ctx_len)
     total_windows = -(-tokens // ctx_len)
     win_iter = corpus.windows(subject.tokenizer, ctx_len, start=store.n_windows)
     window_index = store.n_windows
-    bar = tqdm(total=tokens, initial=done, unit="tok", unit_scale=True, desc="record", disable=not progress)
+
+    def take(n: int) -> list:
+        got = list(itertools.islice(win_iter, n))
+        if len(got) < n:
+            have = window_index + len(got)
+            raise UnitscopeError(f"corpus {corpus.spec!r} ran out after {have} windows of {ctx_len} tokens; "
+                                 f"ask for at most {have * ctx_len} tokens or use a larger corpus")
+        return got
+
+    bar = tqdm(total=tokens, initial=done, unit="tok", unit_scale=True, desc="record",
+               disable=not progress or rank != 0)
     try:
+        # a round is one shard per rank (one shard for a single process); rank r records shard r of each round,
+        # every shard's windows and length depend only on the arguments, and rank 0 lists the round's shards
         while window_index < total_windows:
-            n_shard = min(shard_windows, total_windows - window_index)
-            buf_tok, buf_doc, buf_pos = [], [], []
-            buf_acts: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
-            got = 0
-            while got < n_shard:
-                batch = []
-                for w in win_iter:
-                    batch.append(w)
-                    if len(batch) == min(batch_size, n_shard - got):
-                        break
-                if not batch:
-                    raise UnitscopeError(
-                        f"corpus {corpus.spec!r} ran out after {window_index + got} windows of {ctx_len} tokens; "
-                        f"ask for at most {(window_index + got) * ctx_len} tokens or use a larger corpus"
-                    )
-                ids = torch.from_numpy(np.stack([w.tokens for w in batch])).long()
-                acts = subject.collect(ids, sites)
-                for w in batch:
-                    buf_tok.append(w.tokens)
-                    buf_doc.append(w.doc)
-                    buf_pos.append(w.pos)
-                for s in sites:
-                    buf_acts[s].append(acts[s].reshape(-1, acts[s].shape[-1]).cpu())
-                got += len(batch)
-                bar.update(min(len(batch) * ctx_len, tokens - bar.n))
-            keep = min(n_shard * ctx_len, tokens - store.n_tokens)
-            store.append_shard(
-                np.concatenate(buf_tok)[:keep], np.concatenate(buf_doc)[:keep], np.concatenate(buf_pos)[:keep],
-                {s: torch.cat(v)[:keep] for s, v in buf_acts.items()}, windows=n_shard,
-            )
-            window_index += n_shard
+            sizes = []
+            for _ in range(world):
+                first = window_index + sum(sizes)
+                if first < total_windows:
+                    sizes.append(min(shard_windows, total_windows - first))
+            entry = None
+            for j, n_shard in enumerate(sizes):
+                if j != rank:
+                    take(n_shard)  # another rank's windows: tokenised, not run
+                    continue
+                tokens_before = store.n_tokens + sum(sizes[:j]) * ctx_len  # earlier shards of a round are full
+                buf_tok, buf_doc, buf_pos = [], [], []
+                buf_acts: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
+                got = 0
+                while got < n_shard:
+                    batch = take(min(batch_size, n_shard - got))
+                    ids = torch.from_numpy(np.stack([w.tokens for w in batch])).long()
+                    acts = subject.collect(ids, sites)
+                    for w in batch:
+                        buf_tok.append(w.tokens)
+                        buf_doc.append(w.doc)
+                        buf_pos.append(w.pos)
+                    for s in sites:
+                        buf_acts[s].append(acts[s].reshape(-1, acts[s].shape[-1]).cpu())
+                    got += len(batch)
+                    bar.update(min(len(batch) * ctx_len * len(sizes), tokens - bar.n))
+                keep = min(n_shard * ctx_len, tokens - tokens_before)
+                entry = store.write_shard(
+                    store.n_shards + j, np.concatenate(buf_tok)[:keep], np.concatenate(buf_doc)[:keep],
+                    np.concatenate(buf_pos)[:keep], {s: torch.cat(v)[:keep] for s, v in buf_acts.items()},
+                    windows=n_shard)
+            entries = distributed.all_gather_object(entry)
+            store.add_shards([e for e in entries if e is not None], write=rank == 0)
+            window_index += sum(sizes)
     finally:
         bar.close()
-    store.finish(complete=True)
-    return store
+    if rank == 0:
+        store.finish(complete=True)
+    distributed.barrier()
+    return store if rank == 0 else Store.open(out)

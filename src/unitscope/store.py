@@ -286,11 +286,13 @@ class Store:
         return {"file": rel, "tokens": int(len(tokens)), "windows": windows,
                 "bytes": final.stat().st_size, "sha256": file_sha256(final)}
 
-    def add_shards(self, entries: list[dict[str, Any]]) -> None:
-        """List written shards (in order, after the ones listed) in the manifest, rewritten whole."""
+    def add_shards(self, entries: list[dict[str, Any]], write: bool = True) -> None:
+        """List written shards (in order, after the ones listed) in the manifest, rewritten whole (`write=False`:
+        in memory only, as the ranks other than the manifest's writer keep it)."""
         self.manifest["shards"].extend(entries)
         self.manifest["tokens"] = int(sum(s["tokens"] for s in self.manifest["shards"]))
-        self._write_manifest()
+        if write:
+            self._write_manifest()
 
     def finish(self, **fields: Any) -> None:
         self.manifest.update(fields)

@@ -22,11 +22,13 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..corpus import Corpus
+    from ..distributed import local_device
+    from ..fs import is_url
     from ..record import record
     from ..subject import load_subject
 
-    out = options.output_dir(args.out)
-    subject = load_subject(args.model, dtype=args.dtype, device=args.device)
+    out = args.out if is_url(args.out) else options.output_dir(args.out)  # s3://... stays a URL
+    subject = load_subject(args.model, dtype=args.dtype, device=local_device(args.device))
     sites = args.site or [options.DEFAULT_SITE]
     for site in sites:
         subject.site(site)  # an unknown site fails before the corpus is read
