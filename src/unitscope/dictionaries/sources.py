@@ -31,9 +31,11 @@ class StoreSource:
     def metadata(self) -> dict[str, Any]:
         return self.store.provenance()
 
-    def batches(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, start: int, part: tuple[int, int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """From batch `start` on; `part=(rank, world)`: that rank's slice of each batch (Store.batches)."""
         sites = [self.site, self.target_site] if self.target_site else [self.site]
-        for batch in self.store.batches(sites, self.batch_size, self.mask, seed=self.seed, start_batch=start):
+        for batch in self.store.batches(sites, self.batch_size, self.mask, seed=self.seed, start_batch=start,
+                                        part=part):
             yield batch[0].float(), batch[-1].float()
 
 

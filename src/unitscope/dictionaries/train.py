@@ -5,6 +5,10 @@ models) and the scale is folded into the weights on save. Warm-up, constant, the
 learning rate; decoder rows kept at unit norm (the gradient component along each row removed first);
 dead latents tracked in tokens since they last fired, fed to AuxK. Checkpoints every N steps hold the
 weights, Adam state and counters in safetensors plus a JSON, so a killed run resumes to identical weights.
+
+Under torchrun the ranks train data-parallel: each steps on its slice of the same global batch, with the FVU's
+batch statistics taken over the global batch (distributed.data_parallel), so the summed gradients are the
+single-process gradient and every rank keeps the same weights; rank 0 alone writes checkpoints and the result.
 """
 
 from __future__ import annotations
@@ -23,14 +27,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..atomic import fsync, write_json_atomic
 from ..errors import UnitscopeError
-from ..store import Store
+from ..store import Store, part_bounds
 from .base import ARCHITECTURES, Dictionary
 from .sae import SparseAutoencoder
 from .sources import LiveSource, StoreSource
 
 CKPT = "checkpoint"
+# kinds whose loss is a sum over rows once the FVU's statistics are global (see sae.fvu): exact data-parallel steps.
+# BatchTopK (a batch-level selection), and the penalty kinds (a per-rank mean penalty) are not, yet.
+DATA_PARALLEL_KINDS = ("topk", "matryoshka_topk", "topk_transcoder", "topk_skip_transcoder")
 
 
 def checkpoint_dir(out: str | Path) -> Path:
@@ -148,8 +156,15 @@ class Trainer:
     def __init__(self, store: Store | StoreSource | LiveSource, site: str, cfg: TrainConfig, out: str | Path,
                  progress: bool = True, target_site: str | None = None):
         cfg.validate()
+        distributed.init(cfg.device)
+        if distributed.active() and (cfg.architecture not in DATA_PARALLEL_KINDS or cfg.resample_every):
+            raise UnitscopeError(
+                f"data-parallel training (torchrun) takes {', '.join(DATA_PARALLEL_KINDS)} without resampling, not "
+                f"{cfg.architecture!r}" + (f" with resample_every={cfg.resample_every}" if cfg.resample_every else "")
+                + "; run it as one process")
         self.site, self.cfg, self.out, self.progress = site, cfg, Path(out), progress
         self.target_site = target_site
+        self.device = distributed.local_device(cfg.device)
         self.source = (StoreSource(store, site, target_site, cfg.batch_size, cfg.seed) if isinstance(store, Store)
                        else store)
         d_in, d_out = self.source.widths()
@@ -157,13 +172,13 @@ class Trainer:
             **self.source.metadata(), "hook_name": site, **({"hook_name_out": target_site} if target_site else {}),
             "prepend_bos": False, "exclude_first_position": True,
         }
-        self.sae = build_dictionary(cfg, d_in, metadata, d_out).to(cfg.device)
+        self.sae = build_dictionary(cfg, d_in, metadata, d_out).to(self.device)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate_for(d_in), betas=(0.9, 0.999), eps=1e-8)
         self.step = 0
         self.scale = 1.0
         self.out_scale = 1.0
-        self.since_fired = torch.zeros(cfg.n_units, dtype=torch.long, device=cfg.device)
-        self.logger = _logger(cfg, out)
+        self.since_fired = torch.zeros(cfg.n_units, dtype=torch.long, device=self.device)
+        self.logger = _logger(cfg, out) if distributed.is_main() else None
         self.log: list[dict[str, float]] = []
         self.seconds = 0.0
 
@@ -192,6 +207,12 @@ class Trainer:
         return d / f"{step:09d}.json", d / f"{step:09d}.safetensors"
 
     def save_checkpoint(self, keep: int = 2) -> None:
+        """Rank 0 writes (every rank holds the same state); the others wait until the step is on disk."""
+        if distributed.is_main():
+            self._write_checkpoint(keep)
+        distributed.barrier()
+
+    def _write_checkpoint(self, keep: int) -> None:
         d = self._ckpt_dir()
         d.mkdir(parents=True, exist_ok=True)
         tensors = {f"param.{k}": v.detach().cpu().clone() for k, v in self.sae.state_dict().items()}
@@ -236,7 +257,7 @@ class Trainer:
         js, st_path = self._ckpt_files(step)
         state = _read_state(js)
         self._check_checkpoint(state)
-        tensors = load_file(str(st_path), device=self.cfg.device)
+        tensors = load_file(str(st_path), device=self.device)
         self.sae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("param.")})
         for i, (name, _) in enumerate(self.sae.named_parameters()):
             p = self.opt.param_groups[0]["params"][i]
@@ -269,17 +290,27 @@ class Trainer:
                 "extended since); pass --overwrite to start again on this data")
 
     def remove_checkpoints(self) -> None:
-        shutil.rmtree(self._ckpt_dir(), ignore_errors=True)
+        if distributed.is_main():
+            shutil.rmtree(self._ckpt_dir(), ignore_errors=True)
 
     # ---- training ---------------------------------------------------------------------------------
-    def _batches(self, start: int):
-        """Yields (input, target) batches on the training device; the target is the input except for transcoders."""
-        dev = self.cfg.device
-        for x, y in self.source.batches(start):
+    def _batches(self, start: int, whole: bool = False):
+        """Yields (input, target) batches on the training device; the target is the input except for transcoders.
+        Under torchrun, this rank's slice of each global batch (`whole`: the global batch itself)."""
+        dev = self.device
+        part = None if whole or not distributed.active() else (distributed.rank(), distributed.world())
+        if part and isinstance(self.source, StoreSource):
+            batches = self.source.batches(start, part=part)
+        else:
+            batches = self.source.batches(start)
+            if part:  # a live source: the slice is taken after the forward
+                batches = ((x[slice(*part_bounds(len(x), *part))], y[slice(*part_bounds(len(y), *part))])
+                           for x, y in batches)
+        for x, y in batches:
             yield x.to(dev), y.to(dev)
 
     def _initialise(self) -> None:
-        it = self._batches(0)
+        it = self._batches(0, whole=True)  # every rank starts from the same global batches
         xs, ys = zip(*[next(it) for _ in range(min(4, self.cfg.steps))])
         x, y = torch.cat(xs), torch.cat(ys)
 
@@ -300,8 +331,10 @@ class Trainer:
             self._check_checkpoint(_read_state(self._ckpt_files(steps[-1])[0]))
         if not self.load_checkpoint(step):
             self._initialise()
-        for later in [s for s in steps if s > self.step]:
-            self._remove_checkpoint(later)
+        distributed.barrier()  # every rank has read the checkpoints before rank 0 drops any
+        if distributed.is_main():
+            for later in [s for s in steps if s > self.step]:
+                self._remove_checkpoint(later)
         self._compute = resolve_compute_dtype(self.cfg.compute_dtype, self.cfg.device) if self.sae.sparse_kernels \
             else None
         self._ema_fvu: float | None = None
@@ -321,23 +354,35 @@ class Trainer:
         dead = self.since_fired >= self.dead_tokens
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.step, cfg, self.sae.d_in)
-        out = self.sae.training_forward(x, dead=dead, target=y, compute_dtype=self._compute)
+        with distributed.data_parallel():
+            out = self.sae.training_forward(x, dead=dead, target=y, compute_dtype=self._compute)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        n, l0, f, loss = x.shape[0], out.l0, None, None
+        if distributed.active():  # the ranks' shares summed: global gradient, FVU, loss, L0 and fired latents
+            distributed.all_reduce_grads(list(self.sae.parameters()))
+            fired = torch.zeros(cfg.n_units + 4, dtype=torch.float64, device=x.device)
+            fired[out.fired] = 1
+            fired[-4:] = torch.tensor([x.shape[0], out.l0 * x.shape[0], float(out.fvu), float(out.loss.detach())])
+            distributed.all_reduce_(fired)
+            n, f, loss = int(fired[-4]), float(fired[-2]), float(fired[-1])
+            l0 = float(fired[-3]) / n
+            out.fired = fired[:-4].nonzero().flatten()
         self._constrain_decoder_grad()
         self.opt.step()
         self._normalise_decoder()
-        self.sae.adapt_sparsity(out.l0)
-        self.since_fired += x.shape[0]
+        self.sae.adapt_sparsity(l0)
+        self.since_fired += n
         self.since_fired[out.fired.unique()] = 0
         self.step += 1
-        f = float(out.fvu)
+        f = float(out.fvu) if f is None else f
         self._ema_fvu = f if self._ema_fvu is None else 0.95 * self._ema_fvu + 0.05 * f
         self.seconds += time.perf_counter() - t0
         if self.step % 10 == 0 or self.step == cfg.steps:
             # fvu: the whole dictionary's on this batch; loss: what is minimised (penalties, AuxK, prefix means)
-            self.log.append({"step": self.step, "fvu": round(f, 5), "loss": round(float(out.loss.detach()), 5),
-                             "l0": round(out.l0, 2),
+            loss = float(out.loss.detach()) if loss is None else loss
+            self.log.append({"step": self.step, "fvu": round(f, 5), "loss": round(loss, 5),
+                             "l0": round(l0, 2),
                              "dead_frac": round(float(dead.float().mean()), 4),
                              **({"sparsity_coefficient": round(out.extra["sparsity_coefficient"], 6)}
                                 if "sparsity_coefficient" in out.extra else {}),
@@ -422,7 +467,9 @@ class Trainer:
                    "tokens": self.step * self.cfg.batch_size, "seconds": round(self.seconds, 2),
                    "tokens_per_s": round(self.step * self.cfg.batch_size / max(self.seconds, 1e-9), 1),
                    "log": self.log}
-        final.save(self.out, extra={"train.json": summary})
+        if distributed.is_main():
+            final.save(self.out, extra={"train.json": summary})
+        distributed.barrier()
         if remove_checkpoints:
             self.remove_checkpoints()
         return final.eval()
@@ -448,8 +495,10 @@ def train(store: Store | str | Path, site: str | None, cfg: TrainConfig, out: st
     site = site or store.sites[0]
     store.width(site)
     out = Path(out)
-    if overwrite:
+    distributed.init(cfg.device)
+    if overwrite and distributed.is_main():
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+    distributed.barrier()
     return Trainer(store, site, cfg, out, progress=progress, target_site=target_site).run()
 
 
