@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+from . import distributed
 from .commands import MODULES
 from .commands import compare as compare_command
 from .commands import label as label_command
@@ -34,6 +35,8 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not distributed.for_command(args.command):  # under torchrun: eval, explain, run, ... on rank 0 only
+        return 0
     try:
         return args.func(args) or 0
     except UnitscopeError as e:

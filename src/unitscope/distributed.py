@@ -128,3 +128,18 @@ def batch_mean(x: torch.Tensor) -> torch.Tensor:
     total = torch.cat([x.detach().sum(0).reshape(-1), x.new_tensor([x.shape[0]])])
     dist.all_reduce(total)
     return (total[:-1] / total[-1]).view(x.shape[1:])
+
+
+# commands that split their work over torchrun's ranks; every other command runs on rank 0 alone
+RANK_AWARE = ("record", "train")
+
+
+def for_command(command: str) -> bool:
+    """Whether this process runs `command`: always for one process and for the rank-aware commands; under torchrun
+    other commands run once, on rank 0 as a single process (no group is formed), and the other ranks exit 0."""
+    if not launched() or command in RANK_AWARE:
+        return True
+    if int(os.environ.get("RANK", "0")) != 0:
+        return False
+    os.environ["WORLD_SIZE"] = "1"
+    return True
