@@ -1,5 +1,5 @@
 """One module per command, in pipeline order; each adds its own parser and names its function (`func`)."""
 
-from . import evaluate, explain, record, report, run, sites, train
+from . import evaluate, explain, record, report, run, sites, steer, train
 
-MODULES = (run, sites, record, train, evaluate, explain, report)
+MODULES = (run, sites, record, train, evaluate, explain, report, steer)
