@@ -1,0 +1,1 @@
+"""Network dissection (units × concept segmentations, IoU) and GAN dissection (units of a generator, causally)."""

@@ -1,0 +1,1 @@
+"""Images (and other tensors) as a corpus: dissection datasets read from folders, spatial positions as rows."""
