@@ -17,7 +17,6 @@ from typing import Any
 from ..errors import UnitscopeError
 from . import inputs, options
 from .evaluate import print_metrics
-from .report import report_title
 from .train import KIND_OPTION_NAMES, add_kind_options, apply_kind_options
 
 
@@ -102,7 +101,6 @@ def dictionary_plan(cfgs: list, width: int) -> list[tuple[Any, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import compare
     from ..atomic import write_json_atomic
     from ..corpus import Corpus
     from ..dictionaries import fit, load_dictionary
@@ -110,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate_fidelity
     from ..explain import logit_lens, write_tables
     from ..record import record
-    from ..report import write_report
+    from ..report import report_run
     from ..runs import Run
     from ..store import Store
     from ..subject import load_subject
@@ -214,15 +212,9 @@ def run(args: argparse.Namespace) -> int:
     def do_compare():
         return print_compare(root)
 
-    def do_report():
-        indexes = {}
-        for _, did in plan:
-            index = write_report(report_dir / did, root / "explain" / did, report_title(did, subject.name, sites[0]),
-                                 eval_json=root / "evals" / did / "core.json",
-                                 info={"model": subject.name, "site": sites[0], "run": str(root)},
-                                 **compare.for_report(root))
-            indexes[did] = str(index)
-        return {"index": indexes[plan[0][1]], "indexes": indexes}
+    def do_report():  # one site for the whole run; report/D/index.html links into it at #/D
+        index = report_run(root)
+        return {"index": str(index), "indexes": {did: str(report_dir / did / "index.html") for _, did in plan}}
 
     for name, fn in (("record", do_record), ("train", do_train), ("eval", do_eval), ("explain", do_explain),
                      ("compare", do_compare), ("report", do_report)):

@@ -1,5 +1,5 @@
-"""Feature browser: a static site that opens from the file system."""
+"""Feature browser: a static site that opens from the file system (and that `unitscope serve` also serves)."""
 
-from .static import write_report
+from .site import Source, report_run, write_report, write_site
 
-__all__ = ["write_report"]
+__all__ = ["Source", "report_run", "write_report", "write_site"]
