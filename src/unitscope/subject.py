@@ -165,6 +165,10 @@ def load_subject(spec: str | nn.Module = "default", dtype: str | torch.dtype = "
                 "a model passed as an nn.Module needs its tokenizer: load_subject(model, tokenizer=tok)")
         return Subject(spec.to(device=device, dtype=dt).eval(), tokenizer, type(spec).__name__)
     spec = str(spec)
+    from .modules import is_module_spec, load_module  # any nn.Module: FILE.py:FUNCTION, torchvision/timm + weights
+
+    if is_module_spec(spec):
+        return Subject(load_module(spec).to(device=device, dtype=dt).eval(), tokenizer, spec, spec=spec)
     if spec in DEFAULT_NAMES:
         path, name, spec = _cached_gguf(default_gguf_path()), "SmolLM2-135M-Instruct", "default"
     elif spec.endswith(".gguf"):
