@@ -13,7 +13,9 @@ With image-level labels a unit is "on" in an image when any position exceeds T_u
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic import fsync, write_json_atomic
 from ..errors import UnitscopeError
 from ..vision.images import ImageDataset
 from ..vision.rows import from_rows, layer_output, spatial_rows
@@ -137,3 +140,19 @@ def _summary(iou, order, dataset, layer, quantile, n_units, dictionary, map_size
         "detector_iou": DETECTOR_IOU, "detectors": int(detectors.sum()), "unique_concepts": len(per_concept),
         "detectors_by_concept": dict(sorted(per_concept.items())),
     }
+
+
+def write_dissection(out: str | Path, result: Dissection) -> Path:
+    """OUT/dissection.parquet and OUT/dissection.json, each written beside its target and renamed over it."""
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UnitscopeError(f"--out {str(out)!r} is an existing file; give a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".dissection.parquet.tmp-{os.getpid()}"
+    pq.write_table(result.table, tmp)
+    fsync(tmp)
+    os.replace(tmp, out / "dissection.parquet")
+    write_json_atomic(out / "dissection.json", result.summary)
+    return out / "dissection.parquet"

@@ -1,0 +1,61 @@
+"""`unitscope dissect`: network dissection of a conv layer over a dataset folder, or `--demo` on the drawn scenes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import UnitscopeError
+from . import options
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("dissect", help="network dissection: which units of a conv layer detect which concepts (IoU)")
+    p.add_argument("--model", default=None, help="FILE.py:FUNCTION (returns an nn.Module), or torchvision:NAME@WEIGHTS "
+                   "/ timm:NAME@WEIGHTS with a local weights file")
+    p.add_argument("--layer", default=None, help="raw site 'module.path:output' (or :input) with (B, C, H, W) maps")
+    p.add_argument("--data", default=None, help="dataset folder: images/NAME.png, masks/NAME.png, concepts.json")
+    p.add_argument("--dictionary", default=None,
+                   help="dissect this dictionary's units (trained on the layer's spatial rows) instead of channels")
+    p.add_argument("--quantile", type=options.positive_float, default=0.005, help="top quantile of activations")
+    p.add_argument("--batch-size", type=options.positive_int, default=16)
+    p.add_argument("--demo", action="store_true", help="draw scenes, train (or reuse) the small classifier, dissect it")
+    p.add_argument("--out", required=True, help="output directory (dissection.parquet, dissection.json)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    if args.demo:
+        from ..dissect.demo import run_demo
+
+        summary = run_demo(args.out)
+        print(json.dumps(summary, indent=1))
+        print(f"written: {args.out}/neurons/dissection.parquet, {args.out}/sae/dissection.parquet, "
+              f"{args.out}/summary.json")
+        return 0
+    missing = [f"--{n}" for n in ("model", "layer", "data") if getattr(args, n) is None]
+    if missing:
+        raise UnitscopeError(f"dissect needs {', '.join(missing)} (or --demo)")
+    from ..dictionaries.base import load_dictionary
+    from ..dissect.network import dissect, write_dissection
+    from ..modules import is_module_spec
+    from ..subject import load_subject
+    from ..vision.images import open_dataset
+
+    if not is_module_spec(args.model):
+        raise UnitscopeError(f"dissect takes --model FILE.py:FUNCTION or torchvision:NAME@WEIGHTS / "
+                             f"timm:NAME@WEIGHTS, not {args.model!r}")
+    dataset = open_dataset(args.data)
+    model = load_subject(args.model).model
+    dictionary = load_dictionary(args.dictionary) if args.dictionary else None
+    result = dissect(model, args.layer, dataset, dictionary=dictionary, quantile=args.quantile,
+                     batch_size=args.batch_size)
+    path = write_dissection(args.out, result)
+    s = result.summary
+    print(f"{s['units']} units at {s['layer']}: {s['detectors']} detectors (best IoU > {s['detector_iou']}), "
+          f"{s['unique_concepts']} unique concepts {s['detectors_by_concept']}")
+    print(f"table: {path}")
+    return 0
