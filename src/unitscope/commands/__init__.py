@@ -2,4 +2,4 @@
 
 from . import dissect, evaluate, explain, export, record, report, run, serve, sites, steer, train
 
-MODULES = (run, sites, record, train, evaluate, explain, report, serve, export, steer, dissect, dissect)
+MODULES = (run, sites, record, train, evaluate, explain, report, serve, export, steer, dissect)
