@@ -26,6 +26,8 @@ Public API (every intervention has `positions: Positions`, default all real toke
             r' = r + decode(c') - decode(c) at its output site (the two differ for transcoders). The
             reconstruction error and every untouched unit are kept, so an edit that changes no code is an
             exact no-op. `dictionary` is a path (serialised as such) or a loaded Dictionary.
+    Positions under generate(): "prompt" is the first forward of the context, so use one context per
+    generate() call (or per batch of forwards that share one prompt).
     unit_direction(dictionary, unit) -> decode(e_unit) - decode(0): what adding 1 to a unit's code writes.
 
     iv.to_json() -> dict;  intervention_from_json(dict | str) -> the right class, validated;
@@ -459,11 +461,10 @@ class UnitEdit(Intervention):
         return out
 
     def delta(self, d: Any, x: torch.Tensor) -> torch.Tensor:
-        """decode(c') - decode(c) for input activations x (exactly zero where the codes do not change)."""
-        ddtype = next(d.parameters()).dtype
-        with torch.no_grad():
-            codes = d.encode(x.to(ddtype))
-            return d.decode(self.edited(codes)) - d.decode(codes)
+        """decode(c') - decode(c) for input activations x (exactly zero where the codes do not change).
+        Differentiable when the caller enables gradients (attribution through an edit)."""
+        codes = d.encode(x.to(next(d.parameters()).dtype))
+        return d.decode(self.edited(codes)) - d.decode(codes)
 
     def hooks(self, subject: Any, dictionaries: dict[str, Any] | None = None) -> list[hooks.Intervention]:
         d, in_site, out_site = self.resolve(dictionaries)
