@@ -1,5 +1,5 @@
 """One module per command, in pipeline order; each adds its own parser and names its function (`func`)."""
 
-from . import dissect, evaluate, explain, export, record, report, run, serve, sites, steer, train
+from . import attribute, dissect, evaluate, explain, export, record, report, run, serve, sites, steer, train
 
-MODULES = (run, sites, record, train, evaluate, explain, report, serve, export, steer, dissect)
+MODULES = (run, sites, record, train, evaluate, explain, report, serve, export, steer, attribute, dissect)
