@@ -95,3 +95,28 @@ def test_steer_compare_rows_table_and_plot(sharp_subject, tmp_path):
 def test_steer_compare_refuses_a_lone_concept(sharp_subject):
     with pytest.raises(UnitscopeError, match="at least two concepts, or one concept and negatives"):
         steer_compare(sharp_subject, {"code": CONCEPTS["code"]}, {}, SITE)
+
+
+def test_the_steer_compare_command(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from unitscope.cli import main
+
+    d = TopKSAE(32, 24, k=4, metadata={"hook_name": SITE, "model_spec": str(tiny_model_dir)})
+    d.save(tmp_path / "topk")
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text(json.dumps(CONCEPTS))
+    # conftest's tiny Llama has near-flat logits: KL 0.005 is reachable, 0.5 is not (rows that say so)
+    code = main(["steer-compare", "--concepts", str(concepts), "--dictionary", str(tmp_path / "topk"), "--site", SITE,
+                 "--kl", "0.005", "0.5", "--n", "1", "--max-new-tokens", "3", "--out", str(tmp_path / "sc")])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = pq.read_table(tmp_path / "sc" / "steer_compare.parquet").to_pylist()
+    assert len(rows) == 2 * 2 * 2
+    assert all((r["error"] is None) == (r["target_kl"] == 0.005) for r in rows)
+    assert all("no alpha reaches next-token KL 0.5" in r["error"] for r in rows if r["target_kl"] == 0.5)
+    assert "diffmean" in out and "topk" in out and "2/2" in out and "0/2" in out
+    concepts.write_text(json.dumps({"code": []}))
+    code = main(["steer-compare", "--concepts", str(concepts), "--site", SITE, "--out", str(tmp_path / "sc2")])
+    err = capsys.readouterr().err
+    assert code == 2 and "must hold an object mapping each concept name to a non-empty list" in err

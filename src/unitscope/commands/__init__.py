@@ -1,5 +1,20 @@
 """One module per command, in pipeline order; each adds its own parser and names its function (`func`)."""
 
-from . import attribute, dissect, evaluate, explain, export, record, report, run, serve, sites, steer, train
+from . import (
+    attribute,
+    dissect,
+    evaluate,
+    explain,
+    export,
+    record,
+    report,
+    run,
+    serve,
+    sites,
+    steer,
+    steer_compare,
+    train,
+)
 
-MODULES = (run, sites, record, train, evaluate, explain, report, serve, export, steer, attribute, dissect)
+MODULES = (run, sites, record, train, evaluate, explain, report, serve, export, steer, steer_compare, attribute,
+           dissect)
