@@ -141,7 +141,7 @@ def export_run(root: str | Path, fmt: str, out: str | Path) -> list[Path]:
     site = cfg.get("site")
     site = site[0] if isinstance(site, list) and site else site
     ctx = int(manifest.get("ctx_len") or 0)
-    info = {"n_prompts_total": (int(manifest.get("n_tokens") or 0) // ctx) if ctx else 0, "n_tokens_in_prompt": ctx,
+    info = {"n_prompts_total": (int(manifest.get("tokens") or 0) // ctx) if ctx else 0, "n_tokens_in_prompt": ctx,
             "dataset": cfg.get("corpus") or ""}
     with replace_dir(out, set(explained)) as tmp:
         for did in explained:

@@ -263,7 +263,9 @@ def report_run(root: str | Path, progress: bool = False) -> Path:
     store_json = root / "store" / "store.json"
     if store_json.is_file():
         manifest = json.loads(store_json.read_text())
-        model, tokens = manifest.get("model", model), manifest.get("n_tokens")
+        model, tokens = manifest.get("model", model), manifest.get("tokens")
+        if not corpus and isinstance(manifest.get("corpus"), dict):
+            corpus = manifest["corpus"].get("spec")
     sources = []
     for did in explain:
         arch = None
@@ -284,10 +286,10 @@ def report_run(root: str | Path, progress: bool = False) -> Path:
 def write_report(out: str | Path, explain_dir: str | Path, title: str, eval_json: str | Path | None = None,
                  info: dict[str, Any] | None = None, comparison: list[dict[str, Any]] | None = None,
                  comparison_plot: str | Path | None = None, dictionary: str | Path | None = None,
-                 labels: str | Path | None = None) -> Path:
-    """A site for one explanation directory (named after `out`), e.g. outside any run."""
+                 labels: str | Path | None = None, name: str | None = None) -> Path:
+    """A site for one explanation directory (the dictionary named `name`, by default the directory's name)."""
     out = Path(out)
-    src = Source(out.name or "dictionary", explain_dir, eval_json, labels, dictionary)
+    src = Source(name or recover(explain_dir).name, explain_dir, eval_json, labels, dictionary)
     return write_site(out, [src], {"title": title, **(info or {})}, comparison, comparison_plot)
 
 
