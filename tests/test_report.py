@@ -75,9 +75,15 @@ def build_run(root: Path, subject=None, tok=None) -> Path:
     return root
 
 
+_RUNS: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, llama_subject):
-    return build_run(tmp_path_factory.mktemp("run"), llama_subject, llama_subject.tokenizer)
+    """Built once per test process, also when test_browser/test_serve/test_export import this fixture."""
+    if "run" not in _RUNS:
+        _RUNS["run"] = build_run(tmp_path_factory.mktemp("run"), llama_subject, llama_subject.tokenizer)
+    return _RUNS["run"]
 
 
 def unpack_script(path: Path) -> tuple[list, object]:
