@@ -1,0 +1,135 @@
+"""`torchrun --nproc-per-node 2 -m unitscope record|train` on CPU (gloo), against one process on the same arguments.
+
+Record: the same store byte for byte (manifest and every shard). Train: the same weights as one process stepping
+on the whole global batch, within float tolerance (the ranks sum the same terms in another order); a distributed
+run killed with kill -9 (the whole job) at several points resumes to exactly the uninterrupted distributed result.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import run_cli
+from safetensors.torch import load_file
+
+ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}  # one thread in every process: same kernels
+RECORD = ["--site", "blocks.1.resid_post", "--ctx-len", "16", "--record-batch-size", "4", "--tokens", "5500",
+          "--shard-tokens", "512", "--quiet"]
+TRAIN = ["--units", "64", "--k", "4", "--batch-size", "128", "--compute-dtype", "float32", "--quiet"]
+
+
+def torchrun(*args, timeout=600, **kw):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "unitscope", *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **ENV}, **kw)
+
+
+def torchrun_popen(*args):
+    """The job in its own process group, so that kill -9 reaches torchrun and both ranks at once."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "unitscope", *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **ENV}, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_model_dir):
+    """One process's store: 344 windows in shards of 32, so 11 shards: the last round has one shard (rank 1 idles
+    under torchrun) and it is truncated (5500 tokens are not whole windows)."""
+    out = tmp_path_factory.mktemp("dist") / "store"
+    p = run_cli("record", "--model", tiny_model_dir, *RECORD, "--out", out, env=ENV)
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+def test_record_under_torchrun_writes_the_store_one_process_writes(tmp_path, tiny_model_dir, store):
+    two = torchrun("record", "--model", tiny_model_dir, *RECORD, "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr
+    m1, m2 = (json.loads((d / "store.json").read_text()) for d in (store, tmp_path / "two"))
+    assert m1 == m2 and len(m1["shards"]) == 11 and m1["tokens"] == 5500 and m1["complete"]
+    for entry in m1["shards"]:
+        assert (store / entry["file"]).read_bytes() == (tmp_path / "two" / entry["file"]).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "two" / "shards").iterdir()) == \
+        sorted(p.name for p in (store / "shards").iterdir())
+
+
+def test_commands_without_a_distributed_path_run_once_on_rank_0(monkeypatch):
+    from unitscope import distributed
+
+    for rank, runs in (("1", False), ("0", True)):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", rank)
+        assert distributed.for_command("train") and distributed.for_command("record")
+        assert distributed.for_command("eval") is runs
+        # rank 0 runs it as one process: no group to join, so nothing waits for the ranks that left
+        assert distributed.launched() is (not runs)
+
+
+def _weights(d):
+    return load_file(str(d / "sae_weights.safetensors"))
+
+
+def test_data_parallel_training_matches_one_process_and_resumes_after_kill_9(tmp_path, store):
+    # dead latents (AuxK, whose residual mean is a batch statistic) appear within the run: --dead-tokens 1280
+    args = ["train", "--store", store, *TRAIN, "--train-tokens", "25600", "--dead-tokens", "1280",
+            "--checkpoint-every", "10"]
+    one = run_cli(*args, "--out", tmp_path / "one", env=ENV)
+    assert one.returncode == 0, one.stderr
+    two = torchrun(*args, "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr
+    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    diff = max(float((w1[k] - w2[k]).abs().max() / w1[k].abs().max()) for k in w1)
+    print(f"max abs weight difference / max abs weight after 200 steps: {diff:.2e}")
+    assert diff < 1e-4
+    log1, log2 = (json.loads((tmp_path / d / "train.json").read_text())["log"] for d in ("one", "two"))
+    assert [r["step"] for r in log1] == [r["step"] for r in log2]
+    assert any(r["dead_frac"] > 0 for r in log1)  # AuxK really ran
+    for a, b in zip(log1, log2):
+        assert a["fvu"] == pytest.approx(b["fvu"], abs=2e-5) and a["l0"] == pytest.approx(b["l0"], abs=0.02)
+        assert a["dead_frac"] == b["dead_frac"]
+
+    out = tmp_path / "killed"
+    ckpt = tmp_path / ".killed.checkpoint"
+    rng = random.Random(11)
+    landed = []
+    def checkpointed():
+        try:
+            return json.loads((ckpt / "state.json").read_text())["step"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            return 0
+
+    for least in (10, 80):  # after the first checkpoint, then later (a kill may fall inside a checkpoint write)
+        proc = torchrun_popen(*args, "--out", out)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and checkpointed() < least:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.3))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            landed.append(checkpointed())
+        proc.wait()
+    assert len(landed) == 2 and landed[1] > landed[0] and not (out / "sae_weights.safetensors").exists(), landed
+    final = torchrun(*args, "--out", out)
+    assert final.returncode == 0, final.stderr
+    w3 = _weights(out)
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)  # exactly the uninterrupted distributed run
+    assert not ckpt.exists()
+
+
+def test_a_kind_without_an_exact_data_parallel_step_is_refused(tmp_path, store, monkeypatch):
+    from unitscope import distributed
+    from unitscope.dictionaries.train import TrainConfig, Trainer
+    from unitscope.errors import UnitscopeError
+    from unitscope.store import Store
+
+    monkeypatch.setattr(distributed, "active", lambda: True)  # as under torchrun; refused before any collective
+    for cfg, what in ((TrainConfig(architecture="batchtopk", n_units=64, k=4, batch_size=128), "'batchtopk'"),
+                      (TrainConfig(n_units=64, k=4, batch_size=128, resample_every=10), "resample_every=10")):
+        with pytest.raises(UnitscopeError, match=f"takes topk, .* not .*{what}"):
+            Trainer(Store.open(store), "blocks.1.resid_post", cfg, tmp_path / "d")
+    assert not (tmp_path / "d").exists()
