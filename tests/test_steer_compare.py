@@ -37,8 +37,9 @@ def sharp_subject(tokenizer):
 
 
 def _per_text_means(subject, texts, site):
-    return torch.stack([subject.collect(subject.tokenizer(t, return_tensors="pt").input_ids, [site])[site][0].mean(0)
-                        for t in texts])
+    """Per-text mean activation without the first token."""
+    return torch.stack([subject.collect(subject.tokenizer(t, return_tensors="pt").input_ids, [site])[site][0, 1:]
+                        .mean(0) for t in texts])
 
 
 def test_detector_best_unit_and_scores_match_by_hand(sharp_subject):
