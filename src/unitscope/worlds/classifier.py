@@ -20,7 +20,7 @@ LAST_CONV = "features.relu3:output"  # the site network dissection reads in the 
 
 
 class SceneClassifier(nn.Module):
-    def __init__(self, n_concepts: int = 5, width: int = 32):
+    def __init__(self, n_concepts: int = 5, width: int = 64):
         super().__init__()
         self.features = nn.Sequential(OrderedDict([
             ("conv1", nn.Conv2d(3, 16, 3, padding=1)), ("relu1", nn.ReLU()), ("pool1", nn.MaxPool2d(2)),
@@ -46,7 +46,7 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def train_classifier(images: np.ndarray, masks: np.ndarray, steps: int = 300, batch_size: int = 32,
-                     seed: int = 0, width: int = 32, lr: float = 3e-3) -> SceneClassifier:
+                     seed: int = 0, width: int = 64, lr: float = 3e-3) -> SceneClassifier:
     """Adam on binary cross-entropy of concept presence plus the squared error of the (x10) pixel fractions;
     deterministic for a seed on one thread."""
     torch.manual_seed(seed)

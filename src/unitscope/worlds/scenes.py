@@ -33,8 +33,8 @@ def sample_params(rng: np.random.Generator) -> SceneParams:
     """Objects on an unlabelled rocky backdrop. Each concept covers a few percent of all pixels (as objects do in
     Broden): with the 0.005 top quantile a unit's mask covers ~0.5% of pixels, so a concept covering a fraction f
     of the dataset can reach IoU at most ~0.005/f, and f must stay well under 0.005/0.04 = 12.5%."""
-    sky = float(rng.uniform(0.08, 0.2)) if rng.random() < 0.3 else 0.0
-    grass = float(rng.uniform(0.08, 0.2)) if rng.random() < 0.3 else 0.0
+    sky = float(rng.uniform(0.06, 0.15)) if rng.random() < 0.3 else 0.0
+    grass = float(rng.uniform(0.06, 0.15)) if rng.random() < 0.3 else 0.0
     pond = None
     if rng.random() < 0.35:
         pond = (float(rng.uniform(0.2, 0.8)), float(rng.uniform(0.35, 0.75)), float(rng.uniform(0.12, 0.22)),
@@ -70,7 +70,7 @@ def draw(params: SceneParams, size: int, rng: np.random.Generator) -> tuple[np.n
         img[sky] += (yy[..., None] * 0.4)[sky]  # lighter towards the horizon
     if params.grass:
         grass = yy > 1 - params.grass + 0.02 * np.sin(xx * 25)
-        paint(grass, (0.25, 0.6, 0.2), 2, 0.06)
+        paint(grass, (0.5, 0.8, 0.2), 2, 0.06)
     if params.pond:
         cx, cy, rx, ry = params.pond
         pond = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1

@@ -1,0 +1,166 @@
+"""Network dissection against brute force (numpy), on the drawn scenes, and its one-sentence refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from unitscope.dissect.network import dissect, top_quantile_thresholds, write_dissection
+from unitscope.errors import UnitscopeError
+from unitscope.vision.images import open_dataset
+from unitscope.vision.rows import spatial_rows, train_on_rows
+from unitscope.worlds.scenes import CONCEPTS, make_scenes, write_dataset
+
+
+def bilinear_numpy(a: np.ndarray, out: int) -> np.ndarray:
+    """Half-pixel-centre bilinear upsampling of (..., h, w) square maps, written out by hand."""
+    n = a.shape[-1]
+    src = np.maximum((np.arange(out) + 0.5) * n / out - 0.5, 0)
+    i0 = np.floor(src).astype(int)
+    i1 = np.minimum(i0 + 1, n - 1)
+    w = src - i0
+    rows = a[..., i0, :] * (1 - w)[:, None] + a[..., i1, :] * w[:, None]
+    return rows[..., i0] * (1 - w) + rows[..., i1] * w
+
+
+def brute_force(maps: np.ndarray, masks: np.ndarray, concepts: list[int], q: float) -> tuple[np.ndarray, np.ndarray]:
+    """(thresholds, IoU units x concepts) from every activation held at once."""
+    n_units = maps.shape[1]
+    vals = maps.transpose(1, 0, 2, 3).reshape(n_units, -1)
+    m = math.ceil(q * vals.shape[1])
+    th = -np.sort(-vals, axis=1)[:, m - 1]
+    up = bilinear_numpy(maps.astype(np.float64), masks.shape[-1])
+    iou = np.zeros((n_units, len(concepts)))
+    for u in range(n_units):
+        on = up[:, u] > th[u]
+        for j, c in enumerate(concepts):
+            inter = (on & (masks == c)).sum()
+            iou[u, j] = inter / (on.sum() + (masks == c).sum() - inter)
+    return th, iou
+
+
+def random_dataset(tmp_path, n=12, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    masks = np.zeros((n, size, size), np.uint8)
+    for i in range(n):  # blocky concepts, so units correlate with them a little
+        masks[i] = np.kron(rng.integers(0, 4, (4, 4)), np.ones((size // 4, size // 4), int))
+    write_dataset(tmp_path / "ds", images, masks, {1: "a", 2: "b", 3: "c"})
+    return images, masks
+
+
+def iou_of(table, n_units, concepts):
+    got = np.zeros((n_units, len(concepts)))
+    for r in table.to_pylist():
+        got[r["unit"], concepts.index(r["concept_index"])] = r["iou"]
+    return got
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_iou_and_thresholds_equal_brute_force(tmp_path, stride):
+    """Same resolution (stride 1) and a map upsampled 2x (stride 2) against the numpy computation."""
+    images, masks = random_dataset(tmp_path)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, stride=stride, padding=1), nn.ReLU())
+    ds = open_dataset(tmp_path / "ds")
+    q = 0.05
+    result = dissect(model, "0:output", ds, quantile=q, batch_size=5)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        maps = model[0](x).numpy()
+    th, iou = brute_force(maps, masks, [1, 2, 3], q)
+    table = result.table.to_pylist()
+    got_th = np.array([next(r["threshold"] for r in table if r["unit"] == u) for u in range(6)])
+    np.testing.assert_allclose(got_th, th, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(iou_of(result.table, 6, [1, 2, 3]), iou, rtol=1e-6, atol=1e-9)
+    assert (iou > 0.005).sum() >= 6  # not a comparison of zeros
+    for u in range(6):  # ranked within each unit, detector flag from the best IoU
+        rows = [r for r in table if r["unit"] == u]
+        assert [r["rank"] for r in rows] == [1, 2, 3]
+        assert [r["iou"] for r in rows] == sorted((r["iou"] for r in rows), reverse=True)
+        assert rows[0]["detector"] == (rows[0]["iou"] > 0.04)
+
+
+def test_top_quantile_streaming_is_exact():
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(7, 3, 5, 5, generator=gen) for _ in range(9)]
+    th = top_quantile_thresholds(iter(batches), 0.01, total=63 * 25)
+    allv = torch.cat(batches).transpose(0, 1).reshape(3, -1)
+    m = math.ceil(0.01 * allv.shape[1])
+    assert torch.equal(th, allv.sort(dim=1, descending=True).values[:, m - 1])
+
+
+def test_dictionary_units_equal_brute_force(tmp_path):
+    """Units of a TopK SAE trained (by the project's Trainer) on the layer's spatial rows."""
+    images, masks = random_dataset(tmp_path, seed=3)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        acts = model(x)
+    sae = train_on_rows(spatial_rows(acts), str(tmp_path / "sae"), n_units=16, k=3, steps=40, batch_size=256)
+    result = dissect(model, "1:output", open_dataset(tmp_path / "ds"), dictionary=sae, quantile=0.05)
+    with torch.no_grad():
+        codes = sae.encode(spatial_rows(acts)).reshape(len(images), 16, 16, 16).permute(0, 3, 1, 2).numpy()
+    _, iou = brute_force(codes, masks, [1, 2, 3], 0.05)
+    np.testing.assert_allclose(iou_of(result.table, 16, [1, 2, 3]), iou, rtol=1e-5, atol=1e-9)
+    assert result.summary["units"] == 16 and result.summary["unit_kind"] == "topk"
+
+
+def test_classifier_last_conv_has_a_detector_for_every_concept(tmp_path):
+    """The demo's world at test size: a seeded classifier, dissected on held-out scenes."""
+    from unitscope.worlds.classifier import LAST_CONV, train_classifier
+
+    torch.set_num_threads(1)
+    images, masks = make_scenes(400, 64, seed=0)
+    model = train_classifier(images, masks, steps=300, seed=0)
+    test_images, test_masks = make_scenes(120, 64, seed=1)
+    write_dataset(tmp_path / "scenes", test_images, test_masks)
+    result = dissect(model, LAST_CONV, open_dataset(tmp_path / "scenes"))
+    by_concept = result.summary["detectors_by_concept"]
+    assert set(by_concept) == set(CONCEPTS.values()), by_concept
+    path = write_dissection(tmp_path / "out", result)
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(path).num_rows == 64 * len(CONCEPTS)
+    assert json.loads((tmp_path / "out" / "dissection.json").read_text())["unique_concepts"] == 5
+
+
+def test_bad_inputs_one_sentence_each(tmp_path):
+    from PIL import Image
+
+    images, masks = random_dataset(tmp_path)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten())
+    ds = open_dataset(tmp_path / "ds")
+    with pytest.raises(UnitscopeError, match="no spatial dimensions"):
+        dissect(model, "1:output", ds)
+    Image.fromarray(np.zeros((8, 16), np.uint8)).save(tmp_path / "ds" / "masks" / "00003.png")
+    with pytest.raises(UnitscopeError, match="images and masks must have the same size"):
+        open_dataset(tmp_path / "ds")
+    write_dataset(tmp_path / "ds2", images, masks, {1: "a", 2: "b", 3: "c", 7: "ghost"})
+    with pytest.raises(UnitscopeError, match="concept 7 .'ghost'. has no pixels"):
+        open_dataset(tmp_path / "ds2")
+
+
+def test_cli_refusals_and_a_model_file(tmp_path):
+    random_dataset(tmp_path)
+    (tmp_path / "m.py").write_text(
+        "import torch\nfrom torch import nn\n\ndef model():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())\n\ndef bad():\n    return 'a model'\n")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "unitscope", "dissect", *args], capture_output=True, text=True)
+
+    base = ["--layer", "1:output", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "out")]
+    r = cli("--model", f"{tmp_path / 'm.py'}:bad", *base)
+    assert r.returncode == 2 and "returned a str, not a torch.nn.Module" in r.stderr and "Traceback" not in r.stderr
+    r = cli("--model", f"{tmp_path / 'm.py'}:model", *base)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "dissection.parquet").is_file()
