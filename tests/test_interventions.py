@@ -253,3 +253,18 @@ def test_bad_units_sites_and_widths_are_refused(llama_subject):
         _run(llama_subject, [iv.AddDirection(site=SITE, direction=[1.0, 2.0, 3.0])])
     with pytest.raises(UnitscopeError, match="dimension 40 is out of range"):
         _run(llama_subject, [iv.Zero(site=SITE, dims=[40])])
+
+
+def test_a_model_that_is_not_a_sequence_model_takes_all_positions(tokenizer):
+    from unitscope import load_subject
+
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    subject = load_subject(net, tokenizer=tokenizer)
+    x = torch.randn(5, 8)
+    want = net[2](torch.relu(net[0](x) * 3.0))
+    with subject.intervene([iv.Scale(site="0:output", factor=3.0)]):
+        torch.testing.assert_close(net(x), want)
+    with pytest.raises(UnitscopeError, match="position selector 'prompt' needs \\[batch, sequence, width\\]"):
+        with subject.intervene([iv.Scale(site="0:output", factor=3.0, positions="prompt")]):
+            net(x)

@@ -217,12 +217,25 @@ class SiteEdit(Intervention):
         positions = self.positions
 
         def fn(x: torch.Tensor, step: hooks.Step) -> torch.Tensor | None:
-            sel = positions.mask(step)
+            sel = _selection(positions, step, x, self.site)
+            if sel is None:
+                return self.edit(x)
             if not bool(sel.any()):
                 return None
             return torch.where(sel[..., None], self.edit(x), x)
 
         return [hooks.Intervention(subject.site(self.site), fn, positional=True, check=positions.check)]
+
+
+def _selection(positions: Positions, step: hooks.Step, x: torch.Tensor, site: str) -> torch.Tensor | None:
+    """[B, T] tokens to edit, or None for every element (all positions of an unpadded batch, or a model whose
+    activations are not [batch, sequence, width], where only `all` has a meaning)."""
+    if positions.kind == "all" and bool(step.real.all()):
+        return None
+    if x.dim() != 3 or tuple(x.shape[:2]) != tuple(step.real.shape):
+        raise UnitscopeError(f"position selector {positions.kind!r} needs [batch, sequence, width] activations, but "
+                             f"site {site!r} has shape {tuple(x.shape)}; use 'all'")
+    return positions.mask(step)
 
 
 def _dims_check(dims: tuple[int, ...] | None, x: torch.Tensor, site: str) -> None:
@@ -477,13 +490,13 @@ class UnitEdit(Intervention):
 
         def write(r: torch.Tensor, step: hooks.Step) -> torch.Tensor | None:
             x = seen.pop("x", r) if in_site != out_site else r
-            sel = positions.mask(step)
-            if not bool(sel.any()):
+            sel = _selection(positions, step, r, out_site)
+            if sel is not None and not bool(sel.any()):
                 return None
             d.check_width(x)
             delta = self.delta(d, x).to(r.dtype)
             d.check_width(delta, r.shape[-1], "output")
-            return torch.where(sel[..., None], r + delta, r)
+            return r + delta if sel is None else torch.where(sel[..., None], r + delta, r)
 
         out = [hooks.Intervention(out_ref, write, positional=True, check=positions.check)]
         if in_site != out_site:
