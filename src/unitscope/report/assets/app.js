@@ -263,11 +263,11 @@ function livePanel(d, u) {
   const steer = el("button", { id: "steer-go", on: { click: async () => {
     sout.replaceChildren(el("span", { class: "meta" }, "generating…"));
     try {
-      const body = { prompt: text.value, dictionary: d.name, unit: u, max_new_tokens: 20 };
+      const body = { prompt: text.value, dictionary: d.name, unit: u, max_new_tokens: Math.min(20, LIVE.limits.new_tokens) };
       body[mode.value] = Number(strength.value);
       const r = await api("api/steer", body);
       sout.replaceChildren(el("p", { class: "meta" }, "alpha " + fmt(r.alpha, 4) + (r.kl !== undefined && r.kl !== null ? ", KL " + fmt(r.kl, 3) : "")),
-        el("h3", {}, "baseline"), r.baseline.map((g) => el("div", { class: "gen" }, g)), el("h3", {}, "steered"), r.steered.map((g) => el("div", { class: "gen steered" }, g)));
+        el("h3", {}, "baseline"), ...r.baseline.map((g) => el("div", { class: "gen" }, g)), el("h3", {}, "steered"), ...r.steered.map((g) => el("div", { class: "gen steered" }, g)));
     } catch (e) { sout.replaceChildren(el("p", { class: "err" }, e.message)); }
   } } }, "steer");
   return el("div", { id: "live" }, el("h2", {}, "Try it (live server)"), text, el("p", {}, go, " ", ablate), out, ab,
