@@ -15,8 +15,9 @@ import time
 
 import pytest
 import torch
-from conftest import run_cli
 from safetensors.torch import load_file
+
+from unitscope.cli import main
 
 ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}  # one thread in every process: same kernels
 RECORD = ["--site", "blocks.1.resid_post", "--ctx-len", "16", "--record-batch-size", "4", "--tokens", "5500",
@@ -42,9 +43,18 @@ def store(tmp_path_factory, tiny_model_dir):
     """One process's store: 344 windows in shards of 32, so 11 shards: the last round has one shard (rank 1 idles
     under torchrun) and it is truncated (5500 tokens are not whole windows)."""
     out = tmp_path_factory.mktemp("dist") / "store"
-    p = run_cli("record", "--model", tiny_model_dir, *RECORD, "--out", out, env=ENV)
-    assert p.returncode == 0, p.stderr
+    assert in_process("record", "--model", tiny_model_dir, *RECORD, "--out", out) == 0
     return out
+
+
+def in_process(*args):
+    """The command in this process (no second import of torch and transformers), on one thread like the ranks."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main([str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_record_under_torchrun_writes_the_store_one_process_writes(tmp_path, tiny_model_dir, store):
@@ -78,8 +88,7 @@ def test_data_parallel_training_matches_one_process_and_resumes_after_kill_9(tmp
     # dead latents (AuxK, whose residual mean is a batch statistic) appear within the run: --dead-tokens 1280
     args = ["train", "--store", store, *TRAIN, "--train-tokens", "25600", "--dead-tokens", "1280",
             "--checkpoint-every", "10"]
-    one = run_cli(*args, "--out", tmp_path / "one", env=ENV)
-    assert one.returncode == 0, one.stderr
+    assert in_process(*args, "--out", tmp_path / "one") == 0
     two = torchrun(*args, "--out", tmp_path / "two")
     assert two.returncode == 0, two.stderr
     w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")

@@ -2,8 +2,9 @@
 
 An object store has no rename and no partial object: a PUT lands whole or not at all. So a remote store is
 written object by object, shards first and the manifest last (a reader that sees a manifest sees every shard it
-lists), and read by downloading each shard once into a local mirror (`$UNITSCOPE_CACHE`, default
-`~/.cache/unitscope/remote/`), checked against the manifest's SHA-256 and then memory-mapped like a local one.
+lists), and read by downloading each shard once into a local mirror (`remote/` in unitscope's cache
+folder, `~/.cache/unitscope/remote/` by default), checked against the manifest's SHA-256 and then memory-mapped
+like a local one.
 Local paths never come here: they keep the rename-based writes of `atomic.py`.
 """
 
@@ -56,7 +57,10 @@ def put_json(fs, path: str, obj: Any) -> None:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("UNITSCOPE_CACHE", Path.home() / ".cache" / "unitscope")) / "remote"
+    """`remote/` under unitscope's cache ($UNITSCOPE_CACHE, else $XDG_CACHE_HOME/unitscope, else ~/.cache/unitscope)."""
+    if os.environ.get("UNITSCOPE_CACHE"):
+        return Path(os.environ["UNITSCOPE_CACHE"]) / "remote"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "unitscope" / "remote"
 
 
 def mirror_dir(url: str) -> Path:
