@@ -65,9 +65,10 @@ def test_every_stage_covers_every_kind_and_the_table_equals_the_evaluations(seve
             assert row["label_f1"] == pytest.approx(float(np.nanmean(f1)) if np.isfinite(f1).any() else None)
         else:
             assert row["label_f1"] is None
-        page = (root / "report" / did / "index.html").read_text()
-        assert all(f'href="../{other}/index.html"' in page for other in IDS if other != did)
-        assert (root / "report" / did / "compare.png").read_bytes() == (root / "compare.png").read_bytes()
+        # one site per run (report/index.html, every dictionary's data); report/D/index.html links into it at #/D
+        assert f'href="../index.html#/{did}"' in (root / "report" / did / "index.html").read_text()
+        assert (root / "report" / "data" / did / "list.js").is_file()
+        assert (root / "report" / "compare.png").read_bytes() == (root / "compare.png").read_bytes()
         printed = next(line.split() for line in stdout.splitlines() if line.startswith(did + " "))
         assert printed[:3] == [did, kind, str(cfg["d_sae"])] and printed[4] == f"{_eval_figures(core)['fvu']:.4f}"
         assert f"report: {(root / 'report' / did / 'index.html').resolve()}" in stdout

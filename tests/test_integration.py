@@ -38,7 +38,7 @@ def test_unitscope_run_end_to_end(tmp_path):
     fvu = core["eval_result_metrics"]["reconstruction_quality"]["fvu"]
     assert 0 < fvu < 1
     assert (root / "explain" / did / "units.parquet").is_file()
-    assert len(list((root / "report" / did / "units").glob("*.html"))) == 512
+    assert len(list((root / "report" / "data" / did / "u").glob("*.js"))) == 512 // 64  # 64 units per data file
     # a second run skips every stage; --overwrite eval redoes eval and what follows it
     again = run_cli(*args)
     assert again.returncode == 0 and again.stdout.count("already done") == 6  # compare is a stage too
