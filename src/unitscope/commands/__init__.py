@@ -3,6 +3,7 @@
 from . import (
     attribute,
     dissect,
+    effects,
     evaluate,
     explain,
     export,
@@ -17,4 +18,4 @@ from . import (
 )
 
 MODULES = (run, sites, record, train, evaluate, explain, report, serve, export, steer, steer_compare, attribute,
-           dissect)
+           effects, dissect)

@@ -1,0 +1,141 @@
+"""Unit effects (causal.effects, `unitscope effects`): the stored table against a from-scratch recomputation
+(plain forward hooks on the model's own module, no unitscope intervention code), on the tiny Llama through
+record -> explain -> effects, and on the default model the done-when check: ablating the neurons that promote a
+token (by the logit lens) lowers that token's probability where they fire."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import run_cli
+
+from unitscope import Corpus, record
+from unitscope.causal.effects import unit_effects, write_effects
+from unitscope.dictionaries.sae import TopKSAE
+from unitscope.errors import UnitscopeError
+from unitscope.explain import logit_lens, write_tables
+
+SITE = "blocks.1.resid_post"
+UNITS = [2, 5, 11]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, llama_subject):
+    root = tmp_path_factory.mktemp("eff")
+    return record(llama_subject, Corpus("default"), [SITE], 1000, root / "s", ctx_len=16, batch_size=4,
+                  shard_tokens=400, progress=False)
+
+
+def _topk() -> TopKSAE:
+    torch.manual_seed(0)
+    return TopKSAE(32, 24, k=3, metadata={"hook_name": SITE}).eval()
+
+
+@pytest.fixture(scope="module")
+def explained(tmp_path_factory, store, llama_subject):
+    d = _topk()
+    out = tmp_path_factory.mktemp("explained") / "ex"
+    write_tables(out, d, store, SITE, llama_subject.tokenizer, lens=logit_lens(llama_subject, d, units=UNITS),
+                 top_n=3, quantile_n=0, random_n=0, units=UNITS, progress=False)
+    return d, out
+
+
+def _from_scratch(subject, module, edit_unit, windows, codes, value, directions, encode):
+    """KL, next-token dlogp and per-token mean dlogp for one unit, with a hand-written hook on `module`:
+    r' = r + (value - c_u) * W_dec[u] at the positions where the stored code is > 0."""
+    kl = nxt = n = nn = 0.0
+    mean = None
+    for ids_list, acts in zip(windows, codes):
+        pos = [i for i, a in enumerate(acts) if a > 0]
+        ids = torch.tensor([ids_list])
+
+        def hook(_m, _a, out, pos=pos):
+            r = out[0] if isinstance(out, tuple) else out
+            c = encode(r)[..., edit_unit]
+            new = r.clone()
+            new[:, pos] = r[:, pos] + ((value - c[:, pos])[..., None] * directions[edit_unit])
+            return (new, *out[1:]) if isinstance(out, tuple) else new
+
+        with torch.no_grad():
+            clean = subject.model(input_ids=ids, use_cache=False).logits[0].log_softmax(-1)
+            h = module.register_forward_hook(hook)
+            try:
+                edited = subject.model(input_ids=ids, use_cache=False).logits[0].log_softmax(-1)
+            finally:
+                h.remove()
+        c, e = clean[pos], edited[pos]
+        kl += float((c.exp() * (c - e)).sum())
+        d = (e - c).sum(0)
+        mean = d if mean is None else mean + d
+        n += len(pos)
+        for i, t in enumerate(pos):
+            if t + 1 < len(ids_list):
+                nxt += float(e[i, ids_list[t + 1]] - c[i, ids_list[t + 1]])
+                nn += 1
+    return kl / n, nxt / nn, mean / n
+
+
+def test_stored_effects_equal_a_recomputation_from_scratch(explained, llama_subject, tmp_path):
+    d, out = explained
+    table = unit_effects(llama_subject, d, out, units=UNITS, windows=2, clamp_factor=2.0)
+    path = write_effects(out, table)
+    assert sorted(p.name for p in out.iterdir()) == ["concepts.parquet", "effects.parquet", "examples.parquet",
+                                                     "units.parquet"]
+    stored = pq.read_table(path).to_pylist()
+    ex = pq.read_table(out / "examples.parquet").to_pylist()
+    units = {r["unit"]: r for r in pq.read_table(out / "units.parquet").to_pylist()}
+    module = llama_subject.model.model.layers[1]
+    for row in stored:
+        u = row["unit"]
+        wins = sorted((r for r in ex if r["unit"] == u and r["kind"] == "top"), key=lambda r: r["rank"])[:2]
+        assert row["windows"] == [w["window"] for w in wins]
+        args = ([w["token_ids"] for w in wins], [w["acts"] for w in wins])
+        kl, nxt, mean = _from_scratch(llama_subject, module, u, *args, 0.0, d.W_dec.detach(), d.encode)
+        assert row["kl_ablate"] == pytest.approx(kl, rel=1e-4, abs=1e-7)
+        assert row["dlogp_next_ablate"] == pytest.approx(nxt, rel=1e-4, abs=1e-6)
+        assert row["kl_ablate"] > 0
+        top_ids = mean.topk(10, largest=False).indices.tolist()
+        assert row["boosted_ids"] == top_ids
+        assert row["boosted_dlogp"] == pytest.approx(mean[top_ids].tolist(), rel=1e-4, abs=1e-6)
+        assert row["suppressed_ids"] == mean.topk(10).indices.tolist()
+        clamp = 2.0 * units[u]["max_activation"]
+        assert row["clamp_value"] == pytest.approx(clamp)
+        kl_c, nxt_c, _ = _from_scratch(llama_subject, module, u, *args, clamp, d.W_dec.detach(), d.encode)
+        assert row["kl_clamp"] == pytest.approx(kl_c, rel=1e-4, abs=1e-7)
+        assert row["dlogp_next_clamp"] == pytest.approx(nxt_c, rel=1e-4, abs=1e-6)
+        assert row["lens_promoted_tokens"] == units[u]["promoted_tokens"]
+
+
+def test_bad_input(explained, llama_subject, tmp_path):
+    d, out = explained
+    with pytest.raises(UnitscopeError, match="out of range"):
+        unit_effects(llama_subject, d, out, units=[24])
+    with pytest.raises(UnitscopeError, match="has no top examples"):
+        unit_effects(llama_subject, d, out, units=[3])
+    with pytest.raises(UnitscopeError, match="no examples.parquet"):
+        unit_effects(llama_subject, d, tmp_path, units=[2])
+
+
+def test_cli_with_store_and_with_explanations(tiny_model_dir, tmp_path):
+    from unitscope import load_subject
+
+    subject = load_subject(str(tiny_model_dir))
+    st = record(subject, Corpus("default"), [SITE], 600, tmp_path / "s", ctx_len=16, batch_size=4, progress=False)
+    d = _topk()
+    d.metadata.update(st.provenance())
+    d.save(tmp_path / "d")
+    r = run_cli("effects", "--dictionary", tmp_path / "d", "--store", tmp_path / "s", "--out", tmp_path / "ex",
+                "--units", "2", "5", "--windows", "2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    first = pq.read_table(tmp_path / "ex" / "effects.parquet").to_pylist()
+    assert [row["unit"] for row in first] == [2, 5] and all(row["n_windows"] == 2 for row in first)
+    r = run_cli("effects", "--dictionary", tmp_path / "d", "--explanations", tmp_path / "ex", "--out", tmp_path / "o",
+                "--units", "2", "--windows", "2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    again = pq.read_table(tmp_path / "o" / "effects.parquet").to_pylist()
+    assert again[0]["kl_ablate"] == pytest.approx(first[0]["kl_ablate"], rel=1e-5)
+    bad = run_cli("effects", "--dictionary", tmp_path / "d", "--explanations", tmp_path / "ex", "--out", tmp_path / "o",
+                  "--units", "99", "--quiet")
+    assert bad.returncode == 2 and "unit 99" in bad.stderr and "Traceback" not in bad.stderr
+    assert pq.read_table(tmp_path / "o" / "effects.parquet").to_pylist() == again  # untouched
