@@ -1,9 +1,9 @@
 """Stores on S3, against a real S3-compatible server (moto in server mode) started here on loopback.
 
 A store recorded to `s3://bucket/...` holds the same bytes as one recorded to a local folder with the same
-arguments, reads back identical, and trains the same dictionary; a recording killed with kill -9 while it uploads
-leaves a store every reader can open and verify (shards are whole objects, the manifest is written after them),
-and the rerun finishes it to the uninterrupted store.
+arguments, reads back identical, trains the same dictionary, and evaluates and explains it the same; a recording
+killed with kill -9 while it uploads leaves a store every reader can open and verify (shards are whole objects,
+the manifest is written after them), and the rerun finishes it to the uninterrupted store.
 """
 
 import json
@@ -16,6 +16,7 @@ import sys
 import time
 
 import moto.server as moto_server  # moto[server] and s3fs are in the test extra
+import pyarrow.parquet as pq
 import pytest
 import s3fs
 import torch
@@ -68,6 +69,17 @@ def test_a_store_on_s3_is_the_local_store_and_trains_the_same_dictionary(tmp_pat
     assert main([*train, "--store", "s3://bucket/one", "--out", str(tmp_path / "d-s3")]) == 0
     w1, w2 = (load_file(str(tmp_path / d / "sae_weights.safetensors")) for d in ("d-local", "d-s3"))
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    # eval and explain read the remote store (identity, held-out start, every row) as they read the local one
+    for store, tag in ((str(tmp_path / "local"), "local"), ("s3://bucket/one", "s3")):
+        assert main(["eval", "--dictionary", str(tmp_path / "d-local"), "--store", store, "--eval-tokens", "256",
+                     "--out", str(tmp_path / f"{tag}.json"), "--quiet"]) == 0
+        assert main(["explain", "--dictionary", str(tmp_path / "d-local"), "--store", store, "--top", "5",
+                     "--out", str(tmp_path / f"x-{tag}"), "--quiet"]) == 0
+    e1, e2 = (json.loads((tmp_path / f"{t}.json").read_text())["eval_result_metrics"] for t in ("local", "s3"))
+    assert e1 == e2
+    for n in ("units", "examples"):
+        assert pq.read_table(tmp_path / "x-s3" / f"{n}.parquet").to_pylist() == \
+            pq.read_table(tmp_path / "x-local" / f"{n}.parquet").to_pylist()
     # a shard changed on the server is caught, by verify and by a reader with an empty mirror
     fs.pipe_file("bucket/one/shards/000003.safetensors", b"\0" * 100)
     with pytest.raises(Exception, match="000003.safetensors is corrupt"):
