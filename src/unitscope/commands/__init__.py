@@ -1,6 +1,6 @@
 """One module per command, in pipeline order; each adds its own parser and names its function (`func`)."""
 
-from . import (
+from . import (, recommender
     attribute,
     dissect,
     effects,
@@ -18,4 +18,4 @@ from . import (
 )
 
 MODULES = (run, sites, record, train, evaluate, explain, report, serve, export, steer, steer_compare, attribute,
-           effects, dissect)
+           effects, dissect, recommender)
