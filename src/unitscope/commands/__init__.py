@@ -1,12 +1,13 @@
 """One module per command, in pipeline order; each adds its own parser and names its function (`func`)."""
 
-from . import (, recommender
+from . import (
     attribute,
     dissect,
     effects,
     evaluate,
     explain,
     export,
+    recommender,
     record,
     report,
     run,
