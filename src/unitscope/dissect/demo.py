@@ -23,7 +23,8 @@ def run_demo(out: str | Path, n_train: int = 600, n_test: int = 200, size: int =
              seed: int = 0, sae_units: int = 64, sae_k: int = 4) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"n_train": n_train, "size": size, "steps": steps, "seed": seed}
+    settings = {"n_train": n_train, "size": size, "steps": steps, "seed": seed,
+                "width": SceneClassifier().head.in_features}
     images, masks = make_scenes(n_train, size, seed)
     test_images, test_masks = make_scenes(n_test, size, seed + 1)
     write_dataset(out / "data", test_images, test_masks)
