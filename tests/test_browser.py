@@ -67,11 +67,13 @@ def test_search_lands_on_the_unit_and_its_page_survives_a_reload(browser, tiny_r
         return browser.execute_script("return {ex: document.querySelectorAll('.ex').length, "
                                       "top: document.querySelectorAll('.ex[data-kind=top]').length, "
                                       "labels: document.querySelector('#labels').textContent, "
+                                      "effects: document.querySelector('#effects').textContent, "
                                       "bars: document.querySelectorAll('#hist div').length}")
 
     first = page()
     assert first["ex"] == len(examples) and first["top"] == sum(e["kind"] == "top" for e in examples)
     assert LLM_LABEL[1] in first["labels"] and "detection 0.91" in first["labels"]
+    assert "KL when ablated" in first["effects"] and "boosts:" in first["effects"]  # effects.parquet, measured
     assert first["bars"] == len(next(u for u in units if u["unit"] == LLM_LABEL[0])["hist_counts"])
     browser.set_window_size(1200, 1600)
     shot(browser, "unit.png")

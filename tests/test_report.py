@@ -19,6 +19,7 @@ from conftest import tiny_model, tiny_tokenizer
 from test_explain import check_crashes
 
 from unitscope import Corpus, load_subject, record
+from unitscope.dictionaries import load_dictionary
 from unitscope.dictionaries.sae import TopKSAE
 from unitscope.errors import UnitscopeError
 from unitscope.explain import logit_lens, write_tables
@@ -33,6 +34,7 @@ PROSE = "The for statement iterates over the items of any sequence, in the order
 DICTS = {"topk-64-k4": (64, 4), "topk-32-k2": (32, 2)}
 # (unit, label, detection, fuzzing): an LLM label given to topk-64-k4
 LLM_LABEL = (5, "the word 'for' in loop statements", 0.91, 0.77)
+EFFECT_UNITS = [5, 6]  # units of topk-64-k4 given intervention effects (causal.effects)
 
 
 def build_run(root: Path, subject=None, tok=None) -> Path:
@@ -62,6 +64,11 @@ def build_run(root: Path, subject=None, tok=None) -> Path:
         (root / "evals" / did / "core.json").write_text(json.dumps(core))
         write_tables(root / "explain" / did, d, store, SITE, tok, lens=logit_lens(subject, d), top_n=5,
                      progress=False)
+    from unitscope.causal.effects import unit_effects, write_effects
+
+    d = load_dictionary(root / "dictionaries" / "topk-64-k4")
+    write_effects(root / "explain" / "topk-64-k4", unit_effects(subject, d, root / "explain" / "topk-64-k4",
+                                                               units=EFFECT_UNITS, windows=2, top=3))
     unit, label, det, fuzz = LLM_LABEL
     row = {f.name: None for f in LABEL_SCHEMA}
     row.update(unit=unit, label=label, source="llm", model="tiny-judge", detection_balanced_accuracy=det,
@@ -147,8 +154,6 @@ def test_site_data_equal_the_tables(tiny_run):
                 for p, v in enumerate(e["acts"][lo:lo + len(shown)]):
                     assert codes.get(p, 0.0) == pytest.approx(v, rel=2e-3, abs=1e-9)
         # nearest by decoder cosine: brute force over the whole matrix
-        from unitscope.dictionaries import load_dictionary
-
         dec = load_dictionary(tiny_run / "dictionaries" / did).directions.detach().double().numpy()
         dec /= np.linalg.norm(dec, axis=1, keepdims=True)
         cos = dec @ dec.T
@@ -169,6 +174,17 @@ def test_site_data_equal_the_tables(tiny_run):
             best = max(shared.values(), default=0)
             if best:
                 assert recs[u][0]["cofire"][0][1] == best
+    effects = {r["unit"]: r for r in pq.read_table(tiny_run / "explain" / "topk-64-k4" / "effects.parquet").to_pylist()}
+    assert sorted(effects) == EFFECT_UNITS
+    _, lst = unpack_script(report / "data" / "topk-64-k4" / "list.js")
+    for u in range(64):  # the list's effect column: KL when ablated, where measured
+        want = effects[u]["kl_ablate"] if u in effects else None
+        assert lst["effect"][u] == (None if want is None else pytest.approx(want, rel=5e-3))
+    for u in EFFECT_UNITS:
+        got = unit_records(report, "topk-64-k4")[u][0]["effects"]
+        assert got["kl_ablate"] == pytest.approx(effects[u]["kl_ablate"], rel=1e-3)
+        assert [t for t, _ in got["boosted"]] == effects[u]["boosted_tokens"]
+        assert [v for _, v in got["suppressed"]] == pytest.approx(effects[u]["suppressed_dlogp"], rel=5e-3)
     rec, _ = unit_records(report, "topk-64-k4")[LLM_LABEL[0]]
     assert rec["labels"][0] == {"label": LLM_LABEL[1], "source": "llm", "model": "tiny-judge",
                                 "detection": LLM_LABEL[2], "fuzzing": LLM_LABEL[3]}

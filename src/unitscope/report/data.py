@@ -57,34 +57,26 @@ def read_labels(labels_path: Path | None) -> dict[int, dict[str, Any]]:
     return out
 
 
-def read_effects(path: Path) -> tuple[dict[int, dict[str, Any]], str | None]:
-    """effects.parquet (written by the intervention stage) keyed by unit: numbers and token lists as they are.
+EFFECT_SCALARS = ("kl_ablate", "kl_clamp", "dlogp_next_ablate", "dlogp_next_clamp", "clamp_value", "n_windows",
+                  "n_positions")
 
-    Returns also the name of the column the unit list sorts by as "effect": the first numeric column whose name
-    says effect/kl, else the first numeric column."""
+
+def read_effects(path: Path) -> tuple[dict[int, dict[str, Any]], str | None]:
+    """effects.parquet (`unitscope effects`) keyed by unit: its KL and next-token figures, and the tokens the unit
+    boosts and suppresses as [token, mean dlogp] pairs. Returns also the column the list sorts by as "effect"."""
     if not path.is_file():
         return {}, None
     t = pq.read_table(path)
     if "unit" not in t.column_names:
         return {}, None
-    numeric = [f.name for f in t.schema if f.name != "unit" and (pa.types.is_floating(f.type) or
-                                                                 pa.types.is_integer(f.type))]
-    keep = [f.name for f in t.schema if f.name != "unit" and (
-        f.name in numeric or pa.types.is_string(f.type) or
-        (pa.types.is_list(f.type) and (pa.types.is_string(f.value_type) or pa.types.is_floating(f.value_type))))]
-    key = next((c for c in numeric if "effect" in c or "kl" in c), numeric[0] if numeric else None)
     out: dict[int, dict[str, Any]] = {}
-    for r in t.select(["unit", *keep]).to_pylist():
-        row = {}
-        for c in keep:
-            v = r[c]
-            if isinstance(v, float):
-                v = sig(v)
-            elif isinstance(v, list):
-                v = [sig(x) if isinstance(x, float) else x for x in v[:20]]
-            row[c] = v
+    for r in t.to_pylist():
+        row: dict[str, Any] = {c: sig(r[c]) if isinstance(r[c], float) else r[c] for c in EFFECT_SCALARS if c in r}
+        for key in ("boosted", "suppressed"):
+            toks, vals = r.get(f"{key}_tokens") or [], r.get(f"{key}_dlogp") or []
+            row[key] = [[tok, sig(v, 3)] for tok, v in zip(toks, vals)]
         out.setdefault(int(r["unit"]), row)  # one row per unit (the first, if several)
-    return out, key
+    return out, "kl_ablate" if "kl_ablate" in t.column_names else None
 
 
 def nearest_by_cosine(directions: torch.Tensor, units: np.ndarray, k: int = NEAREST,

@@ -210,8 +210,11 @@ async function unitPage(d, u) {
     el("div", { class: "bars", id: "hist" }, hist.map((c) => el("div", { style: "height:" + (80 * c / top).toFixed(1) + "px", title: String(c) }))));
   const side = [el("div", {}, el("h2", {}, "Logit lens"), el("p", {}, "promoted: ", pills(rec.promoted)), el("p", {}, "suppressed: ", pills(rec.suppressed, "sup")))];
   if (rec.effects) {
-    side.push(el("div", { id: "effects" }, el("h2", {}, "Intervention effects"), Object.entries(rec.effects).map(([k, v]) =>
-      el("p", {}, k + ": ", Array.isArray(v) ? v.map((t) => el("span", { class: "pill" }, fmt(t))) : fmt(v, 4)))));
+    const e = rec.effects, names = { kl_ablate: "KL when ablated", kl_clamp: "KL when clamped high", dlogp_next_ablate: "Δ log p(next) ablated",
+      dlogp_next_clamp: "Δ log p(next) clamped", clamp_value: "clamp value", n_windows: "windows", n_positions: "positions" };
+    side.push(el("div", { id: "effects" }, el("h2", {}, "Intervention effects"),
+      el("table", { class: "metrics" }, Object.keys(names).filter((k) => e[k] !== undefined && e[k] !== null).map((k) => el("tr", {}, el("td", {}, names[k]), el("td", { class: "num" }, fmt(e[k], 4))))),
+      el("p", {}, "boosts: ", pills(e.boosted)), el("p", {}, "suppresses: ", pills(e.suppressed, "sup"))));
   }
   const neigh = (title, id, rows, what) => el("div", { id }, el("h2", {}, title), rows && rows.length
     ? el("p", {}, rows.map(([v, s]) => el("span", { class: "pill" }, el("a", { href: link(d.name, v) }, String(v)), " " + what(s))))
