@@ -354,3 +354,26 @@ def test_the_runs_comparison_is_shown_with_its_plot_and_stays_text(hostile, brow
     assert page["pwned"] == "undefined" and page["imgs"] == 1 and page["loaded"][0] > 0
     assert page["cells"] == ["topk-32-k2", SCRIPT] and page["bold"] == 0
     assert SCRIPT in page["text"] and IMG in page["text"]
+
+
+def test_dissection_concepts_and_images_reach_the_unit_page(tiny_run, tmp_path):  # noqa: F811
+    """`unitscope dissect`'s table (RUN/dissect/ID/dissection.parquet): a unit's three best concepts by IoU, in
+    rank order, as labels; a PNG in explain/ID/dissection/ copied into the report and linked from its unit."""
+    run = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, run)
+    rows = [(1, "sky", 0.31, 1, True), (1, "tree", 0.12, 2, False), (1, "grass", 0.05, 3, False),
+            (1, "road", 0.01, 4, False), (2, "water", 0.2, 1, True)]
+    (run / "dissect" / "topk-64-k4").mkdir(parents=True)
+    pq.write_table(pa.table({k: [r[i] for r in rows] for i, k in enumerate(["unit", "concept", "iou", "rank",
+                                                                              "detector"])}),
+                   run / "dissect" / "topk-64-k4" / "dissection.parquet")
+    png = (tiny_run / "report" / "compare.png").read_bytes()  # any PNG
+    (run / "explain" / "topk-64-k4" / "dissection").mkdir()
+    (run / "explain" / "topk-64-k4" / "dissection" / "2.png").write_bytes(png)
+    report_run(run)
+    recs = unit_records(run / "report", "topk-64-k4")
+    got = [(lab["label"], lab["iou"], lab["detector"]) for lab in recs[1][0]["labels"] if lab["source"] == "dissection"]
+    assert got == [("sky", 0.31, True), ("tree", 0.12, False), ("grass", 0.05, False)]
+    assert recs[2][0]["img"] == "data/topk-64-k4/img/2.png"
+    assert (run / "report" / recs[2][0]["img"]).read_bytes() == png
+    assert "img" not in recs[1][0] and not any(lab["source"] == "dissection" for lab in recs[3][0].get("labels", []))

@@ -195,3 +195,19 @@ def read_concepts(explain_dir: Path) -> dict[int, dict[str, Any]]:
                                    "precision": sig(r.get("precision")), "recall": sig(r.get("recall")),
                                    "f1": sig(r.get("f1"))}
     return out
+
+
+def read_dissection(path: Path | None, top: int = 3) -> dict[int, list[dict[str, Any]]]:
+    """Network-dissection concepts (`dissection.parquet` of `unitscope dissect`): each unit's best `top` by IoU."""
+    if path is None or not path.is_file():
+        return {}
+    out: dict[int, list[dict[str, Any]]] = {}
+    for r in pq.read_table(path, columns=["unit", "concept", "iou", "rank", "detector"]).to_pylist():
+        if r["rank"] is not None and r["rank"] <= top:
+            out.setdefault(int(r["unit"]), []).append({"label": r["concept"], "source": "dissection",
+                                                       "iou": sig(r["iou"], 3), "rank": r["rank"],
+                                                       "detector": bool(r["detector"])})
+    for v in out.values():
+        v.sort(key=lambda x: x["rank"])
+    return out
+

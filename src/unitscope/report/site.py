@@ -76,8 +76,9 @@ class Source:
 
     def __init__(self, name: str, explain_dir: str | Path, eval_json: str | Path | None = None,
                  labels: str | Path | None = None, dictionary: str | Path | None = None,
-                 info: dict[str, Any] | None = None) -> None:
+                 info: dict[str, Any] | None = None, dissection: str | Path | None = None) -> None:
         self.name = name
+        self.dissection = Path(dissection) if dissection else None
         self.explain_dir = recover(explain_dir)
         self.eval_json = Path(eval_json) if eval_json else None
         self.labels = Path(labels) if labels else None
@@ -102,6 +103,7 @@ def write_dictionary(tmp: Path, src: Source, progress: bool = False) -> dict[str
     concepts = D.read_concepts(src.explain_dir)
     llm = D.read_labels(src.labels)
     effects, effect_key = D.read_effects(src.explain_dir / "effects.parquet")
+    dissection = D.read_dissection(src.dissection)
     examples_path = src.explain_dir / "examples.parquet"
     cofire = D.cofiring(pq.read_table(examples_path, columns=["unit", "kind", "window"]))
     directions = _directions(src.dictionary)
@@ -134,11 +136,11 @@ def write_dictionary(tmp: Path, src: Source, progress: bool = False) -> dict[str
         done = [u for u in by_unit if u != last] if rg + 1 < pf.num_row_groups else list(by_unit)
         for u in done:  # a unit whose rows are all read (row groups follow the unit order)
             _add_unit(u, by_unit.pop(u), rows[pos[u]] if u in pos else None, shards, peak_tokens, src, out,
-                      concepts, llm, effects, cofire, near_idx, near_val, pos, images)
+                      concepts, llm, effects, cofire, near_idx, near_val, pos, images, dissection)
     for u in unit_ids:  # units with no examples at all still get a page
         if int(u) not in peak_tokens:
             _add_unit(int(u), [], rows[pos[int(u)]], shards, peak_tokens, src, out, concepts, llm, effects, cofire,
-                      near_idx, near_val, pos, images)
+                      near_idx, near_val, pos, images, dissection)
     for k in sorted(shards):
         _data_file(out / "u" / f"{k}.js", "shard", src.name, k, shards[k].payload())
 
@@ -169,7 +171,7 @@ def write_dictionary(tmp: Path, src: Source, progress: bool = False) -> dict[str
 
 def _add_unit(u: int, exs: list, row: dict | None, shards: dict, peak_tokens: dict, src: Source, out: Path,
               concepts: dict, llm: dict, effects: dict, cofire: dict, near_idx, near_val, pos: dict,
-              images: dict) -> None:
+              images: dict, dissection: dict) -> None:
     if row is None:
         return
     exs.sort(key=lambda e: (D.KIND_CODE.get(e["kind"], 9), e["quantile"] or 0, e["rank"]))
@@ -183,6 +185,7 @@ def _add_unit(u: int, exs: list, row: dict | None, shards: dict, peak_tokens: di
         labels.append(llm[u])
     if u in concepts:
         labels.append(concepts[u])
+    labels += dissection.get(u, [])
     extra: dict[str, Any] = {"labels": labels, "effects": effects.get(u), "cofire": cofire.get(u),
                              "img": images.get(u)}
     if near_idx is not None:
@@ -274,7 +277,8 @@ def report_run(root: str | Path, progress: bool = False) -> Path:
             arch = json.loads(cfg_json.read_text()).get("architecture")
         sources.append(Source(did, root / "explain" / did, eval_json=root / "evals" / did / "core.json",
                               labels=root / "labels" / did / "labels.parquet",
-                              dictionary=root / "dictionaries" / did, info={"kind": arch or ""}))
+                              dictionary=root / "dictionaries" / did, info={"kind": arch or ""},
+                              dissection=root / "dissect" / did / "dissection.parquet"))
     sites = cfg.get("site") or cfg.get("sites")
     overview = {"title": f"{root.name} · {model or ''}", "model": model, "site": sites, "corpus": corpus,
                 "tokens": tokens, "run": root.name}

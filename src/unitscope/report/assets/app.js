@@ -204,7 +204,7 @@ async function unitPage(d, u) {
   const labels = rec.labels || [];
   kids.push(el("h2", {}, "Labels"), labels.length ? el("table", { id: "labels" }, el("tr", {}, ["label", "source", "scores"].map((h) => el("th", {}, h))),
     labels.map((l) => el("tr", {}, el("td", {}, l.label), el("td", {}, l.source + (l.model ? " (" + l.model + ")" : "")),
-      el("td", {}, ["detection", "fuzzing", "precision", "recall", "f1"].filter((k) => l[k] !== undefined && l[k] !== null).map((k) => k + " " + fmt(l[k])).join(", ")))))
+      el("td", {}, ["detection", "fuzzing", "precision", "recall", "f1", "iou"].filter((k) => l[k] !== undefined && l[k] !== null).map((k) => k + " " + fmt(l[k])).join(", ")))))
     : el("p", { class: "meta" }, "no label"));
   kids.push(el("h2", {}, "Activation histogram (firing tokens, " + fmt(rec.hmin) + " to " + fmt(rec.hmax) + ")"),
     el("div", { class: "bars", id: "hist" }, hist.map((c) => el("div", { style: "height:" + (80 * c / top).toFixed(1) + "px", title: String(c) }))));
