@@ -47,6 +47,12 @@ class Backend:
         self.lock = threading.Lock()
         self._dicts: dict[str, Any] = {}
 
+    def load(self) -> None:
+        """The run's model, loaded once on the first request (under the lock: two first requests load it once)."""
+        with self.lock:
+            if self.subject is None:
+                self.subject = load_run_subject(self.run_dir)
+
     def names(self) -> list[str]:
         root = self.run_dir / "dictionaries"
         return sorted(p.parent.name for p in root.glob("*/cfg.json") if not p.parent.name.startswith("."))
@@ -196,7 +202,7 @@ def create_app(run_dir: str | Path, subject: Any = None, limits: Limits | None =
             try:
                 body = await _body(request, limits.body_bytes)
                 if backend.subject is None:
-                    backend.subject = await run_in_threadpool(load_run_subject, run_dir)
+                    await run_in_threadpool(backend.load)
                 return JSONResponse(await run_in_threadpool(fn, body))
             except TooLarge:
                 return _error(413, f"the request body is larger than the limit of {limits.body_bytes} bytes")
