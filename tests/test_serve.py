@@ -203,3 +203,22 @@ def test_a_non_local_host_needs_allow_remote(tiny_run):  # noqa: F811
     p = run_cli("serve", tiny_run, "--host", "0.0.0.0", timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "--host '0.0.0.0' would let other machines reach the server" in p.stderr and "--allow-remote" in p.stderr
+
+
+def test_the_runs_own_model_is_loaded_from_its_store(server, tiny_run, tiny_model_dir, tmp_path):  # noqa: F811
+    """Without a subject, the server loads the model the store names (here a local directory holding the same
+    tiny Llama) on the first request, and answers as the server given the subject does."""
+    import shutil
+
+    from starlette.testclient import TestClient
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("shards"))
+    manifest = json.loads((run / "store" / "store.json").read_text())
+    (run / "store" / "store.json").write_text(json.dumps({**manifest, "model_spec": str(tiny_model_dir)}))
+    body = {"text": "The for statement iterates", "dictionary": DID, "units": [5]}
+    with TestClient(create_app(run, limits=LIMITS)) as client:
+        assert client.app.state.backend.subject is None
+        got = client.post("/api/activations", json=body)
+    assert got.status_code == 200, got.text
+    assert got.json() == httpx.post(server[0] + "/api/activations", json=body, timeout=60).json()
