@@ -224,10 +224,13 @@ def write_site(out: str | Path, sources: list[Source], overview: dict[str, Any] 
 
 
 def _plain(rows: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """The comparison's rows with the printed table's columns and headers (unitscope.compare.COLUMNS)."""
     if not rows:
         return None
-    return [{k: (D.sig(v) if isinstance(v, float) else v) for k, v in r.items()
-             if isinstance(v, (str, int, float, type(None))) and k != "report"} for r in rows]
+    from ..compare import COLUMNS
+
+    return [{h: (D.sig(r.get(k)) if isinstance(r.get(k), float) else r.get(k)) for k, h, _ in COLUMNS
+             if isinstance(r.get(k), (str, int, float, type(None)))} for r in rows]
 
 
 def _link_page(name: str) -> str:

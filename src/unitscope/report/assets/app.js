@@ -86,7 +86,8 @@ function overview() {
     el("h2", {}, "Dictionaries"), dicts];
   if (RUN.comparison) {
     const cols = Object.keys(RUN.comparison[0]);
-    kids.push(el("h2", {}, "Comparison"), el("table", { id: "comparison" },
+    kids.push(el("h2", {}, "Comparison"), el("p", { class: "meta" }, "CE rec: CE loss recovered (zero ablation); unique / unique E: fraction of codes " +
+      "meeting the uniqueness condition, whitened / Euclidean; label F1: concept labels; detect / fuzz: LLM labels' balanced accuracy."), el("table", { id: "comparison" },
       el("thead", {}, el("tr", {}, cols.map((c) => el("th", {}, c)))),
       el("tbody", {}, RUN.comparison.map((r) => el("tr", {}, cols.map((c) => el("td", { class: typeof r[c] === "number" ? "num" : null },
         c === "dictionary" && dictOf(r[c]) ? el("a", { href: link(r[c]) }, r[c]) : fmt(r[c], 4))))))));
