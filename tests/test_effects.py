@@ -12,6 +12,7 @@ from conftest import run_cli
 
 from unitscope import Corpus, record
 from unitscope.causal.effects import unit_effects, write_effects
+from unitscope.dictionaries.linear import Neurons
 from unitscope.dictionaries.sae import TopKSAE
 from unitscope.errors import UnitscopeError
 from unitscope.explain import logit_lens, write_tables
@@ -41,9 +42,9 @@ def explained(tmp_path_factory, store, llama_subject):
     return d, out
 
 
-def _from_scratch(subject, module, edit_unit, windows, codes, value, directions, encode):
-    """KL, next-token dlogp and per-token mean dlogp for one unit, with a hand-written hook on `module`:
-    r' = r + (value - c_u) * W_dec[u] at the positions where the stored code is > 0."""
+def _from_scratch(subject, module, edit_unit, windows, codes, value, directions, encode, pre=False):
+    """KL, next-token dlogp and per-token mean dlogp for one unit, with a hand-written hook on `module` (its output,
+    or its input when `pre`): r' = r + (value - c_u) * directions[u] at the positions where the stored code is > 0."""
     kl = nxt = n = nn = 0.0
     mean = None
     for ids_list, acts in zip(windows, codes):
@@ -57,9 +58,12 @@ def _from_scratch(subject, module, edit_unit, windows, codes, value, directions,
             new[:, pos] = r[:, pos] + ((value - c[:, pos])[..., None] * directions[edit_unit])
             return (new, *out[1:]) if isinstance(out, tuple) else new
 
+        def pre_hook(_m, args, pos=pos):
+            return (hook(_m, None, args[0]), *args[1:])
+
         with torch.no_grad():
             clean = subject.model(input_ids=ids, use_cache=False).logits[0].log_softmax(-1)
-            h = module.register_forward_hook(hook)
+            h = module.register_forward_pre_hook(pre_hook) if pre else module.register_forward_hook(hook)
             try:
                 edited = subject.model(input_ids=ids, use_cache=False).logits[0].log_softmax(-1)
             finally:
@@ -139,3 +143,34 @@ def test_cli_with_store_and_with_explanations(tiny_model_dir, tmp_path):
                   "--units", "99", "--quiet")
     assert bad.returncode == 2 and "unit 99" in bad.stderr and "Traceback" not in bad.stderr
     assert pq.read_table(tmp_path / "o" / "effects.parquet").to_pylist() == again  # untouched
+
+
+def test_default_model_ablating_a_tokens_top_neurons_lowers_it_where_they_fire(default_subject, tmp_path):
+    """Done-when: for the token-level concepts ' the' and ',', the two neurons of blocks.29.mlp_hidden whose
+    down-projection rows promote the token most (logit lens through the model's own norm and unembedding) are
+    explained on 320 tokens of the default corpus; ablating them where they fire lowers the token's log-probability
+    on average, and the stored effect of one of them equals a from-scratch recomputation."""
+    s = default_subject
+    site = "blocks.29.mlp_hidden"
+    st = record(s, Corpus("default"), [site], 320, tmp_path / "s", ctx_len=64, batch_size=8, progress=False)
+    d = Neurons.from_subject(s, site)
+    down = s.model.model.layers[29].mlp.down_proj
+    with torch.no_grad():
+        lens = s.model.lm_head(s.model.model.norm(down.weight.t()))  # [neurons, vocab]
+    for word in (" the", ","):
+        tid = s.tokenizer(word, add_special_tokens=False).input_ids[0]
+        units = lens[:, tid].topk(2).indices.tolist()
+        out = tmp_path / f"ex{tid}"
+        write_tables(out, d, st, site, s.tokenizer, top_n=2, quantile_n=0, random_n=0, units=units, progress=False)
+        rows = unit_effects(s, d, out, units=units, windows=2, tokens=[tid]).to_pylist()
+        drops = [r["token_dlogp_ablate"][0] for r in rows]
+        print(word, units, drops)
+        assert sum(drops) / len(drops) < 0, (word, units, drops)
+        r = rows[0]
+        ex = [e for e in pq.read_table(out / "examples.parquet").to_pylist() if e["unit"] == r["unit"]]
+        ex = sorted((e for e in ex if e["kind"] == "top"), key=lambda e: e["rank"])[:2]
+        kl, nxt, mean = _from_scratch(s, down, r["unit"], [e["token_ids"] for e in ex], [e["acts"] for e in ex],
+                                      0.0, torch.eye(d.n_units), d.encode, pre=True)
+        assert r["kl_ablate"] == pytest.approx(kl, rel=1e-3, abs=1e-7)
+        assert r["dlogp_next_ablate"] == pytest.approx(nxt, rel=1e-3, abs=1e-6)
+        assert r["token_dlogp_ablate"][0] == pytest.approx(float(mean[tid]), rel=1e-3, abs=1e-6)
