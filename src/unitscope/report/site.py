@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..atomic import recover, replace_dir
@@ -299,6 +298,3 @@ def write_report(out: str | Path, explain_dir: str | Path, title: str, eval_json
     src = Source(name or recover(explain_dir).name, explain_dir, eval_json, labels, dictionary)
     return write_site(out, [src], {"title": title, **(info or {})}, comparison, comparison_plot)
 
-
-def units_table(explain_dir: Path) -> pa.Table:
-    return D.read_units(explain_dir)
