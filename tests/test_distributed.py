@@ -17,8 +17,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from unitscope.cli import main
-
 ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}  # one thread in every process: same kernels
 RECORD = ["--site", "blocks.1.resid_post", "--ctx-len", "16", "--record-batch-size", "4", "--tokens", "5500",
           "--shard-tokens", "512", "--quiet"]
@@ -49,6 +47,8 @@ def store(tmp_path_factory, tiny_model_dir):
 
 def in_process(*args):
     """The command in this process (no second import of torch and transformers), on one thread like the ranks."""
+    from unitscope.cli import main
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -142,3 +142,60 @@ def test_a_kind_without_an_exact_data_parallel_step_is_refused(tmp_path, store, 
         with pytest.raises(UnitscopeError, match=f"takes topk, .* not .*{what}"):
             Trainer(Store.open(store), "blocks.1.resid_post", cfg, tmp_path / "d")
     assert not (tmp_path / "d").exists()
+
+
+class _Rows:
+    """A training source of seeded sparse rows (no store, no model): batch b is the same on every call and rank."""
+
+    def __init__(self, d=16, batch=64):
+        self.d, self.batch = d, batch
+        self.dirs = torch.nn.functional.normalize(torch.randn(48, d, generator=torch.Generator().manual_seed(0)), dim=1)
+
+    def widths(self):
+        return self.d, None
+
+    def metadata(self):
+        return {}
+
+    def batches(self, start):
+        b = start
+        while True:
+            g = torch.Generator().manual_seed(1000 + b)
+            codes = torch.rand(self.batch, 48, generator=g) * (torch.rand(self.batch, 48, generator=g) < 0.08)
+            yield (x := codes @ self.dirs + 0.01 * torch.randn(self.batch, self.d, generator=g)), x
+            b += 1
+
+
+KINDS = ("topk", "matryoshka_topk", "standard", "jumprelu")
+
+
+def _train_kinds(rank, world, init_file, root):
+    import torch.distributed as dist
+
+    from unitscope.dictionaries.train import TrainConfig, Trainer
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    for kind in KINDS:
+        extra = {"prefixes": [8, 16]} if kind == "matryoshka_topk" else {}
+        cfg = TrainConfig(architecture=kind, n_units=32, k=4, batch_size=64, train_tokens=64 * 60, dead_tokens=640,
+                          checkpoint_every=1000, compute_dtype="float32", extra=extra)
+        Trainer(_Rows(), "x", cfg, f"{root}/{kind}-{world}", progress=False).run()
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_every_data_parallel_kind_matches_one_process(tmp_path):
+    """Two gloo ranks spawned here (torch only, no model) against this process, on each kind with an exact step."""
+    import torch.multiprocessing as mp
+
+    _train_kinds(0, 1, None, tmp_path)
+    mp.spawn(_train_kinds, args=(2, tmp_path / "init", tmp_path), nprocs=2)
+    for kind in KINDS:
+        w1, w2 = _weights(tmp_path / f"{kind}-1"), _weights(tmp_path / f"{kind}-2")
+        diff = max(float((w1[k] - w2[k]).abs().max() / w1[k].abs().max().clamp_min(1e-12)) for k in w1)
+        print(f"{kind}: max abs weight difference / max abs weight after 60 steps: {diff:.2e}")
+        assert diff < 1e-4, kind
+        log1, log2 = (json.loads((tmp_path / f"{kind}-{w}" / "train.json").read_text())["log"] for w in (1, 2))
+        assert [r["l0"] for r in log1] == pytest.approx([r["l0"] for r in log2], abs=0.02)

@@ -143,3 +143,13 @@ def for_command(command: str) -> bool:
         return False
     os.environ["WORLD_SIZE"] = "1"
     return True
+
+
+def row_mean(t: torch.Tensor) -> torch.Tensor:
+    """`t.mean()` over a batch's rows; in a data-parallel step this rank's share of the global batch's mean (its
+    sum over the global row count), so the shares sum to the single-process mean (the L1 and L0 penalties)."""
+    if not _DP:
+        return t.mean()
+    n = torch.tensor([float(t.shape[0])], dtype=torch.float64)
+    dist.all_reduce(n)
+    return t.sum() / n.item()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from ..distributed import batch_mean, batch_sum
+from ..distributed import batch_mean, batch_sum, row_mean
 from ..errors import UnitscopeError
 from .base import FORMATS, Dictionary, register, require_weights
 from .kernels import select_encode, sparse_decode
@@ -315,7 +315,7 @@ class StandardSAE(SparseAutoencoder):
 
     def activate_train(self, pre):
         codes = F.relu(pre)
-        l1 = (codes * self.W_dec.norm(dim=1)).sum(1).mean() / self.d_in ** 0.5
+        l1 = row_mean((codes * self.W_dec.norm(dim=1)).sum(1)) / self.d_in ** 0.5
         return codes, self.train_log_coefficient.exp() * l1
 
 
@@ -394,7 +394,7 @@ class JumpReLUSAE(SparseAutoencoder):
     def activate_train(self, pre):
         th = self.threshold
         codes = _JumpSTE.apply(pre, th, self.bandwidth)
-        l0 = _StepSTE.apply(pre, th, self.bandwidth).sum(1).mean()
+        l0 = row_mean(_StepSTE.apply(pre, th, self.bandwidth).sum(1))
         return codes, self.train_log_coefficient.exp() * l0
 
     def weights(self) -> dict[str, torch.Tensor]:

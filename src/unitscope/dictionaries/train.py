@@ -36,9 +36,10 @@ from .sae import SparseAutoencoder
 from .sources import LiveSource, StoreSource
 
 CKPT = "checkpoint"
-# kinds whose loss is a sum over rows once the FVU's statistics are global (see sae.fvu): exact data-parallel steps.
-# BatchTopK (a batch-level selection), and the penalty kinds (a per-rank mean penalty) are not, yet.
-DATA_PARALLEL_KINDS = ("topk", "matryoshka_topk", "topk_transcoder", "topk_skip_transcoder")
+# kinds whose loss is a sum over rows once the FVU's statistics and the penalties' means are global (sae.fvu,
+# distributed.row_mean): exact data-parallel steps. BatchTopK (a selection over the whole batch) is not, yet.
+DATA_PARALLEL_KINDS = ("topk", "matryoshka_topk", "topk_transcoder", "topk_skip_transcoder", "standard", "jumprelu",
+                       "transcoder", "skip_transcoder")
 
 
 def checkpoint_dir(out: str | Path) -> Path:
