@@ -164,3 +164,45 @@ def test_cli_refusals_and_a_model_file(tmp_path):
     r = cli("--model", f"{tmp_path / 'm.py'}:model", *base)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "dissection.parquet").is_file()
+
+
+# ---- GAN dissection -------------------------------------------------------------------------------------------
+
+
+def test_gan_edit_is_the_formula_and_iqr_equals_brute_force():
+    from unitscope.dissect.gan import edit_units, iqr_thresholds, layer_maps
+
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(4, 3 * 4 * 4), nn.Unflatten(1, (3, 4, 4)), nn.ReLU(), nn.Conv2d(3, 3, 1))
+    z = torch.randn(5, 4)
+    r, _ = layer_maps(gen, "2:output", z)
+    alpha, k = torch.tensor([1.0, 0.5, 0.0]), torch.tensor([0.0, 2.0, 7.0])
+    region = torch.zeros(4, 4, dtype=torch.bool)
+    region[1:3, :2] = True
+    with edit_units(gen, "2:output", alpha, k=k, region=region):
+        out = gen(z)
+    p = region.float()
+    edited = torch.stack([(1 - alpha[c] * p) * r[:, c] + alpha[c] * p * k[c] for c in range(3)], 1)
+    assert torch.allclose(out, gen[3](edited), atol=1e-6)
+
+    maps = torch.rand(6, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    seg = torch.zeros(6, 4, 4, dtype=torch.bool)
+    seg[:, :2, :2] = True
+    maps[:, 0][seg] += 0.7  # unit 0 follows the concept
+    q = torch.linspace(0.5, 0.95, 10)
+    th, score = iqr_thresholds(maps, seg, q)
+    for u in range(2):
+        v = maps[:, u].reshape(-1).numpy()
+        s = seg.reshape(-1).numpy()
+        best = -1.0
+        for t in np.quantile(v, q.numpy()):
+            m = v > t
+            if m.mean() > 0.5:
+                continue
+            joint = np.array([[np.mean(m & s), np.mean(m & ~s)], [np.mean(~m & s), np.mean(~m & ~s)]])
+            pm, ps = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
+            nz = joint > 0
+            mi = (joint[nz] * np.log(joint[nz] / (pm @ ps)[nz])).sum()
+            best = max(best, mi / -(joint[nz] * np.log(joint[nz])).sum())
+        assert abs(float(score[u]) - best) < 1e-5
+    assert score[0] > 0.3 and score[0] > 3 * score[1]  # the planted unit stands out
