@@ -20,6 +20,8 @@ def add_parser(sub) -> None:
     p.add_argument("--quantile", type=options.positive_float, default=0.005, help="top quantile of activations")
     p.add_argument("--batch-size", type=options.positive_int, default=16)
     p.add_argument("--demo", action="store_true", help="draw scenes, train (or reuse) the small classifier, dissect it")
+    p.add_argument("--gan-demo", action="store_true", help="GAN dissection on the scenes: a generator and a segmenter "
+                   "trained (or reused), units found per concept, ablated and inserted (gan_dissection.json, PNGs)")
     p.add_argument("--out", required=True, help="output directory (dissection.parquet, dissection.json)")
     p.set_defaults(func=run)
 
@@ -28,6 +30,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    if args.gan_demo:
+        from ..dissect.gan_demo import run_gan_demo
+
+        print(json.dumps(run_gan_demo(args.out), indent=1))
+        print(f"written: {args.out}/gan_dissection.json and before/after PNGs")
+        return 0
     if args.demo:
         from ..dissect.demo import run_demo
 
