@@ -191,7 +191,7 @@ def test_site_data_equal_the_tables(tiny_run):
     assert (report / "topk-64-k4" / "index.html").read_text().count("../index.html#/topk-64-k4") == 2
 
 
-def test_report_command_and_sizes(tiny_run, tmp_path):
+def test_report_command_rewrites_the_same_site(tiny_run, tmp_path):
     """`unitscope report RUN` rewrites the same site (byte for byte: the data files are deterministic)."""
     from unitscope.cli import main
 
