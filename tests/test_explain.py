@@ -246,6 +246,17 @@ def test_bad_arguments_are_one_sentence(store, llama_subject, tmp_path):
     assert (tmp_path / "c" / "notes.txt").read_text() == "mine"
 
 
+def test_a_new_explanation_drops_the_effects_computed_from_the_old_windows(store, llama_subject, tmp_path):
+    """`unitscope effects` writes effects.parquet beside the tables; explaining again replaces the folder (the
+    effects were measured on the old top windows, so keeping them would show stale figures) instead of refusing."""
+    d = _topk()
+    out = tmp_path / "e"
+    write_tables(out, d, store, SITE, llama_subject.tokenizer, progress=False)
+    (out / "effects.parquet").write_bytes(b"stale")
+    write_tables(out, d, store, SITE, llama_subject.tokenizer, progress=False)
+    assert not (out / "effects.parquet").exists() and (out / "units.parquet").is_file()
+
+
 class Crash(BaseException):
     """A simulated kill: not an Exception, so nothing on the way catches it as an error."""
 

@@ -73,6 +73,9 @@ N_QUANTILES = 10
 H_CELLS = 640  # fine histogram cells on each side of zero
 Q_CELLS = 80  # fine cells of window peaks for the quantile samples
 TABLES = ("units.parquet", "examples.parquet", "concepts.parquet")
+# what later stages write beside the tables (`unitscope effects`, the report's dissection images): computed from
+# these windows, so a new explanation replaces the folder without them rather than refusing it or keeping them stale
+DERIVED = ("effects.parquet", "dissection")
 KINDS = ("top", "bottom", "quantile", "random")
 NO_EXP = -(10 ** 6)  # exponent of a unit that has seen no value yet
 _INF = torch.iinfo(torch.int64).max
@@ -516,7 +519,7 @@ def write_tables(out: str | Path, dictionary: Dictionary, store: Store, site: st
     units_cols.update({"label": concept_table.column("label").to_pylist(),
                        "label_source": concept_table.column("source").to_pylist(),
                        "score_detection": [None] * u, "score_fuzzing": [None] * u})
-    with replace_dir(out, set(TABLES)) as tmp:
+    with replace_dir(out, {*TABLES, *DERIVED}) as tmp:
         pq.write_table(pa.table(units_cols), tmp / "units.parquet")
         _write_examples(tmp / "examples.parquet", st["rows"], acc.capture, cols, tokens, mask, ctx, tokenizer)
         pq.write_table(concept_table, tmp / "concepts.parquet")
