@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from unitscope.dissect.network import dissect, top_quantile_thresholds, write_dissection
@@ -206,3 +207,19 @@ def test_gan_edit_is_the_formula_and_iqr_equals_brute_force():
             best = max(best, mi / -(joint[nz] * np.log(joint[nz])).sum())
         assert abs(float(score[u]) - best) < 1e-5
     assert score[0] > 0.3 and score[0] > 3 * score[1]  # the planted unit stands out
+
+
+def test_gan_demo_refuses_weights_that_are_not_its_own(tmp_path):
+    """A junk or mismatched file where the demo keeps its trained weights: one sentence naming it, never reused."""
+    from unitscope.dissect.gan_demo import _trained
+    from unitscope.worlds.generator import Segmenter
+
+    junk = tmp_path / "segmenter.safetensors"
+    junk.write_bytes(b"junk")
+    with pytest.raises(UnitscopeError, match="is not this demo's Segmenter weights"):
+        _trained(junk, Segmenter(), lambda: pytest.fail("must not train over the user's file"))
+    other = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(3)}, str(other))
+    with pytest.raises(UnitscopeError, match="is not this demo's Segmenter weights"):
+        _trained(other, Segmenter(), lambda: pytest.fail("must not train over the user's file"))
+    assert junk.read_bytes() == b"junk"

@@ -199,6 +199,17 @@ def test_concurrent_requests_get_their_sequential_answers(server):
     assert together == alone + alone
 
 
+def test_loopback_addresses_are_local_and_others_need_allow_remote():
+    from unitscope.serve.app import check_host
+
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost", "LOCALHOST"):
+        check_host(host, allow_remote=False)
+    for host in ("0.0.0.0", "192.168.1.4", "::", "example.com"):
+        with pytest.raises(UnitscopeError, match="--allow-remote"):
+            check_host(host, allow_remote=False)
+        check_host(host, allow_remote=True)
+
+
 def test_a_non_local_host_needs_allow_remote(tiny_run):  # noqa: F811
     p = run_cli("serve", tiny_run, "--host", "0.0.0.0", timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr

@@ -92,6 +92,8 @@ def test_bad_steering_input_is_refused_in_one_sentence(sharp_subject, sae):
         steer(sharp_subject, PROMPT, dictionary=sae, unit=2, alpha=1e39)
     with pytest.raises(UnitscopeError, match="position 50 is past the sequence: the prompt and its continuation has"):
         steer(sharp_subject, PROMPT, dictionary=sae, unit=2, alpha=1.0, positions=[0, 50], max_new_tokens=4)
+    with pytest.raises(UnitscopeError, match="seed must be below 2\\*\\*63"):
+        steer(sharp_subject, PROMPT, dictionary=sae, unit=3, alpha=1.0, seed=2**70)
     with pytest.raises(UnitscopeError, match="give exactly one of alpha"):
         steer(sharp_subject, PROMPT, dictionary=sae, unit=2, alpha=1.0, kl=0.1)
     with pytest.raises(UnitscopeError, match="the target KL must be a number > 0"):

@@ -150,6 +150,6 @@ def row_mean(t: torch.Tensor) -> torch.Tensor:
     sum over the global row count), so the shares sum to the single-process mean (the L1 and L0 penalties)."""
     if not _DP:
         return t.mean()
-    n = torch.tensor([float(t.shape[0])], dtype=torch.float64)
+    n = t.new_tensor([float(t.shape[0])], dtype=torch.float64)  # on t's device: NCCL reduces CUDA tensors only
     dist.all_reduce(n)
     return t.sum() / n.item()

@@ -188,6 +188,8 @@ def steer(subject: Any, prompt: str, *, dictionary: Any = None, unit: int | None
     for name, value, least in (("n", n, 1), ("max_new_tokens", max_new_tokens, 1), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise UnitscopeError(f"{name} must be an integer >= {least}, not {value!r}")
+    if seed >= 2**63:
+        raise UnitscopeError(f"seed must be below 2**63 (torch's generator takes a 64-bit seed), not {seed}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise UnitscopeError(f"the temperature must be a number > 0, not {temperature!r}")
     positions = Positions.from_json(positions)

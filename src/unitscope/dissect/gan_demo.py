@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..atomic import write_json_atomic
+from ..errors import UnitscopeError
 from ..worlds.generator import GEN_LAYER, SceneGenerator, Segmenter, sample_latents, train_generator, train_segmenter
 from ..worlds.scenes import CONCEPTS
 from .gan import concept_fractions, edit_units, iqr_thresholds, layer_maps, mean_where_concept, search_units, segment
@@ -20,7 +21,12 @@ from .gan import concept_fractions, edit_units, iqr_thresholds, layer_maps, mean
 
 def _trained(path: Path, module: torch.nn.Module, train) -> torch.nn.Module:
     if path.is_file():
-        module.load_state_dict(load_file(str(path)))
+        try:
+            module.load_state_dict(load_file(str(path)))
+        except Exception as e:  # noqa: BLE001 - safetensors' own error type, or a state dict of other shapes
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise UnitscopeError(f"{str(path)!r} is not this demo's {type(module).__name__} weights ({why}); remove "
+                                 "it to train again, or give another --out") from None
         return module.eval()
     module = train()
     tmp = path.with_name(path.name + ".tmp")
@@ -33,11 +39,15 @@ def _grid(images: torch.Tensor, path: Path) -> None:
     from PIL import Image
 
     rows = (images[:8].clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
-    Image.fromarray(np.concatenate(list(rows), 1)).resize((8 * 96, 96), Image.NEAREST).save(path)
+    tmp = path.with_name(path.name + ".tmp")  # a kill leaves the old image or the new one
+    Image.fromarray(np.concatenate(list(rows), 1)).resize((8 * 96, 96), Image.NEAREST).save(tmp, format="PNG")
+    tmp.replace(path)
 
 
 def run_gan_demo(out: str | Path, top_n: int = 8, concepts: tuple[int, ...] = (1, 2), seed: int = 0) -> dict[str, Any]:
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UnitscopeError(f"{str(out)!r} is an existing file; give a directory for the GAN dissection demo")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     z, images, masks = sample_latents(3000, 32, seed)

@@ -44,7 +44,7 @@ class Backend:
 
     def __init__(self, run_dir: Path, subject: Any, limits: Limits) -> None:
         self.run_dir, self.subject, self.limits = run_dir, subject, limits
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # re-entrant: helpers below take it inside request handlers that hold it
         self._dicts: dict[str, Any] = {}
 
     def load(self) -> None:
@@ -60,16 +60,18 @@ class Backend:
     def dictionary(self, name: Any) -> Any:
         if not isinstance(name, str) or name not in self.names():
             raise UnitscopeError(f"unknown dictionary {name!r}; this run has {', '.join(self.names()) or 'none'}")
-        if name not in self._dicts:
-            from ..dictionaries import load_dictionary
+        with self.lock:  # two first requests load it once
+            if name not in self._dicts:
+                from ..dictionaries import load_dictionary
 
-            self._dicts[name] = load_dictionary(self.run_dir / "dictionaries" / name).eval()
-        return self._dicts[name]
+                self._dicts[name] = load_dictionary(self.run_dir / "dictionaries" / name).eval()
+            return self._dicts[name]
 
     def ids(self, text: Any, what: str = "text") -> torch.Tensor:
         if not isinstance(text, str) or not text.strip():
             raise UnitscopeError(f"the {what} must be non-empty text")
-        ids = self.subject.tokenizer(text, return_tensors="pt").input_ids
+        with self.lock:  # fast tokenizers are not thread-safe ("Already borrowed")
+            ids = self.subject.tokenizer(text, return_tensors="pt").input_ids
         if ids.shape[1] > self.limits.text_tokens:
             raise UnitscopeError(f"the {what} has {ids.shape[1]} tokens; the limit is {self.limits.text_tokens}")
         if ids.shape[1] == 0:
@@ -86,7 +88,8 @@ class Backend:
         return units
 
     def tokens(self, ids: torch.Tensor) -> list[str]:
-        return [self.subject.tokenizer.decode([int(i)]) for i in ids[0]]
+        with self.lock:
+            return [self.subject.tokenizer.decode([int(i)]) for i in ids[0]]
 
     def activations(self, body: dict[str, Any]) -> dict[str, Any]:
         d = self.dictionary(body.get("dictionary"))
@@ -115,12 +118,13 @@ class Backend:
             clean = self.subject.logits(ids)[0, -1].double().log_softmax(-1)
             with self.subject.intervene([edit]):
                 ablated = self.subject.logits(ids)[0, -1].double().log_softmax(-1)
-        p, q = clean.exp(), ablated.exp()
-        change = q - p
-        order = change.abs().topk(min(10, len(change))).indices
-        return {"kl": float((p * (clean - ablated)).sum()), "units": units,
-                "changes": [{"token": self.subject.tokenizer.decode([int(i)]), "id": int(i), "p_clean": float(p[i]),
-                             "p_ablated": float(q[i]), "change": float(change[i])} for i in order]}
+            p, q = clean.exp(), ablated.exp()
+            change = q - p
+            order = change.abs().topk(min(10, len(change))).indices
+            return {"kl": float((p * (clean - ablated)).sum()), "units": units,
+                    "changes": [{"token": self.subject.tokenizer.decode([int(i)]), "id": int(i),
+                                 "p_clean": float(p[i]), "p_ablated": float(q[i]), "change": float(change[i])}
+                                for i in order]}
 
     def steer(self, body: dict[str, Any]) -> dict[str, Any]:
         from ..causal.steer import steer
@@ -140,10 +144,12 @@ class Backend:
         n = body.get("n", 1)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 4:
             raise UnitscopeError(f"n must be an integer from 1 to 4, not {n!r}")
+        seed = body.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise UnitscopeError(f"seed must be a whole number from 0 to 2**63 - 1, not {seed!r}"[:200])
         with self.lock:
             r = steer(self.subject, body["prompt"], dictionary=d, unit=unit, alpha=alpha, kl=kl, n=n,
-                      max_new_tokens=n_new, seed=int(body.get("seed", 0)) if isinstance(body.get("seed", 0), int)
-                      else 0)
+                      max_new_tokens=n_new, seed=seed)
         return {k: r[k] for k in ("alpha", "kl", "target_kl", "baseline", "steered", "prompt", "site", "unit",
                                   "max_new_tokens", "seed", "intervention")}
 
@@ -246,10 +252,19 @@ def load_run_subject(run_dir: Path) -> Any:
     return subject
 
 
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+LOCAL_HOSTS = ("localhost",)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() in LOCAL_HOSTS
 
 
 def check_host(host: str, allow_remote: bool) -> None:
-    if host not in LOCAL_HOSTS and not allow_remote:
+    if not _is_loopback(host) and not allow_remote:
         raise UnitscopeError(f"--host {host!r} would let other machines reach the server (which runs any text through "
                              "the model); add --allow-remote to do that on purpose, or leave --host out for 127.0.0.1")
