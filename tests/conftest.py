@@ -67,6 +67,21 @@ def llama_subject(tokenizer):
 
 
 @pytest.fixture(scope="session")
+def sharp_subject(tokenizer):
+    """A tiny Llama with larger weights than `llama_subject`, so its next-token distribution can move by KL 0.5
+    (steering to the semi-NMF paper's targets)."""
+    import transformers as tf
+
+    from unitscope import load_subject
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.3)
+    return load_subject(tf.LlamaForCausalLM(cfg), tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     """A tiny Llama saved as a local model directory, for the CLI (loads like any HF directory)."""
     d = tmp_path_factory.mktemp("tiny-llama")

@@ -18,18 +18,6 @@ PROMPT = "The function returns"
 
 
 @pytest.fixture(scope="module")
-def sharp_subject(tokenizer):
-    """A tiny Llama with larger weights than conftest's, so its next-token distribution can move by KL 0.5."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=0.3)
-    return load_subject(tf.LlamaForCausalLM(cfg), tokenizer=tokenizer)
-
-
-@pytest.fixture(scope="module")
 def sae():
     torch.manual_seed(5)
     return TopKSAE(32, 24, k=4, metadata={"hook_name": SITE})

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from unitscope import UnitscopeError, load_subject
+from unitscope import UnitscopeError
 from unitscope.causal.steer import generate
 from unitscope.causal.steer_compare import (
     _score,
@@ -23,17 +23,6 @@ from unitscope.dictionaries.sae import TopKSAE
 SITE = "blocks.1.resid_post"
 CONCEPTS = {"code": ["def f(x): return x", "import os\nprint(1)"],
             "sea": ["the ocean waves and the sea", "ships sail on the sea"]}
-
-
-@pytest.fixture(scope="module")
-def sharp_subject(tokenizer):
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=0.3)
-    return load_subject(tf.LlamaForCausalLM(cfg), tokenizer=tokenizer)
 
 
 def _per_text_means(subject, texts, site):
