@@ -51,7 +51,7 @@ def read_concepts(path: str) -> dict[str, list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     from ..causal.steer import NEUTRAL_PROMPT
-    from ..causal.steer_compare import steer_compare, summary, write_steer_compare
+    from ..causal.steer_compare import steer_compare, write_steer_compare
     from ..dictionaries import load_dictionary
     from ..subject import load_subject
 
@@ -78,12 +78,34 @@ def run(args: argparse.Namespace) -> int:
                          prompts=args.prompt or [NEUTRAL_PROMPT], negatives=negatives, n=args.n,
                          max_new_tokens=args.max_new_tokens, seed=args.seed, with_diffmean=not args.no_diffmean)
     paths = write_steer_compare(out, rows)
-    print(f"{'kind':<18} {'dictionary':<20} {'KL':>6} {'presence':>9} {'perplexity':>11} {'reached':>8}")
-    for s in summary(rows):
-        print(f"{s['kind']:<18} {s['dictionary'][:20]:<20} {s['target_kl']:>6g} {s['presence']:>9.3f} "
-              f"{s['perplexity']:>11.2f} {s['reached']:>4}/{s['concepts']:<3}")
-    print("presence: the concept's difference-in-means detector on the generated tokens (contrast texts 0, concept "
-          "texts 1), mean over concepts; perplexity of the generated tokens under the unsteered model; reached: "
-          "concepts whose target KL the direction reached")
+    print_summary(rows)
     print(f"wrote {paths['table']} and {paths['plot']}")
     return 0
+
+
+def print_summary(rows) -> None:
+    """The kinds x KL table (mean +- standard error over concepts x generations) and the paired differences."""
+    from ..causal.steer_compare import paired_differences, summary
+
+    summ = summary(rows)
+    judged = any(s["judge"] == s["judge"] for s in summ)  # not NaN
+    head = (f"{'kind':<10} {'dictionary':<16} {'KL':>5} {'presence':>15} {'lift':>15} {'(se concepts)':>13} "
+            f"{'perplexity':>15}" + (f" {'judge 0-2':>13}" if judged else "") + f" {'reached':>8}")
+    print(head)
+    for s in summ:
+        line = (f"{s['kind']:<10} {s['dictionary'][:16]:<16} {s['target_kl']:>5g} "
+                f"{s['presence']:>7.3f} ± {s['presence_se']:<5.3f} {s['lift']:>7.3f} ± {s['lift_se']:<5.3f} "
+                f"{s['lift_se_concepts']:>13.3f} {s['perplexity']:>7.1f} ± {s['perplexity_se']:<5.1f}")
+        if judged:
+            line += f" {s['judge']:>5.2f} ± {s['judge_se']:<5.2f}"
+        print(line + f" {s['reached']:>4}/{s['concepts']:<3}")
+    print("presence: the concept's difference-in-means detector on the generated tokens (contrast texts 0, concept "
+          "texts 1); lift: presence minus the unsteered model's on the same prompt and seed; ± one standard error "
+          "over concepts x generations; (se concepts): the lift's standard error over the per-concept means; "
+          "perplexity of the generated tokens under the unsteered model"
+          + ("; judge: the LLM judge's concept rating (0 absent, 2 fully present)" if judged else "")
+          + "; reached: concepts whose target KL the direction reached")
+    print("best against the others, same concepts, prompts and seeds (presence difference ± standard error):")
+    for d in paired_differences(rows):
+        print(f"  KL {d['target_kl']:g}: {d['best']} - {d['other']} = {d['diff']:+.3f} ± {d['se']:.3f} "
+              f"({d['pairs']} pairs)")
