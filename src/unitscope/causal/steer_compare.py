@@ -4,8 +4,10 @@ at matched next-token KL, and score concept presence and fluency of what the mod
 For each concept (a name and example texts; the other concepts' texts and any `negatives` are its contrast):
   - detector: the difference in means, at `site`, of the per-text mean activation (first token left out) on
     its texts and on the contrast texts. It is also the `diffmean` steering direction, and it scores generated text;
-  - best unit of each dictionary: the unit with the largest |mean code on its texts - mean code on the contrast|
-    (per-text means, codes read at the dictionary's input site), steered with the sign of that difference;
+  - best unit of each dictionary: the unit with the largest mean code on its texts minus mean code on the
+    contrast (per-text means, codes read at the dictionary's input site), steered positively: the unit that
+    stands for the concept, as the paper steers a feature towards its concept (a unit that stands for the
+    contrast, steered negatively, would remove other concepts rather than add this one);
   - the unsteered model (kind `unsteered`, target KL 0): n samples from each prompt, seeded;
   - for each target KL: alpha by `find_alpha`, n samples from each prompt with the same seeds as the unsteered
     ones (so generation i of every kind and of the baseline share their random draws), concept presence = mean
@@ -81,11 +83,11 @@ def concept_detector(subject: Any, site: str, texts: Sequence[str], contrast: Se
 
 def best_unit(subject: Any, dictionary: Any, texts: Sequence[str], contrast: Sequence[str],
               acts: _Acts | None = None) -> tuple[int, float]:
-    """(unit, mean code difference) of the unit whose mean code differs most between concept and contrast."""
+    """(unit, mean code difference) of the unit whose mean code exceeds the contrast's the most."""
     acts = acts or _Acts(subject)
     site = dictionary.input_site
     diff = _text_means(acts, texts, site, dictionary).mean(0) - _text_means(acts, contrast, site, dictionary).mean(0)
-    unit = int(diff.abs().argmax())
+    unit = int(diff.argmax())
     return unit, float(diff[unit])
 
 
