@@ -25,6 +25,11 @@ def add_parser(sub) -> None:
     p.add_argument("--n", type=options.positive_int, default=4, help="generations per prompt")
     p.add_argument("--max-new-tokens", type=options.positive_int, default=30)
     p.add_argument("--seed", type=options.non_negative_int, default=0)
+    p.add_argument("--judge-endpoint", default=None, metavar="URL",
+                   help="OpenAI-compatible endpoint of an LLM that rates each generation 0-2 for the concept "
+                        "(needs the llm extra); its prompt and answers go into the table")
+    p.add_argument("--judge-model", default=None, help="model name to ask the judge endpoint for (default: the "
+                                                       "first it lists)")
     p.add_argument("--out", required=True, help="directory for steer_compare.parquet and steer_compare.png")
     options.add_model(p, default=None, what="the dictionaries' model, or 'default' without dictionaries")
     p.set_defaults(func=run)
@@ -60,6 +65,12 @@ def run(args: argparse.Namespace) -> int:
     negatives = _read_json(args.negatives, "negatives") if args.negatives else []
     if not isinstance(negatives, list) or not all(isinstance(t, str) and t.strip() for t in negatives):
         raise UnitscopeError(f"negatives file {args.negatives!r} must hold a JSON list of texts")
+    judge = None  # checked before the model loads: a bad endpoint is refused at once
+    if args.judge_endpoint:
+        from ..causal.steer_judge import ConceptJudge
+        from ..label import OpenAIEndpoint
+
+        judge = ConceptJudge(OpenAIEndpoint(args.judge_endpoint, model=args.judge_model))
     dictionaries = {}
     for path in args.dictionary:
         name = Path(path).name
@@ -74,9 +85,14 @@ def run(args: argparse.Namespace) -> int:
                                     f"dictionary {name!r}")
     else:
         subject = load_subject(args.model or "default", dtype=args.dtype or "float32", device=args.device)
-    rows = steer_compare(subject, concepts, dictionaries, args.site, kl_targets=args.kl,
-                         prompts=args.prompt or [NEUTRAL_PROMPT], negatives=negatives, n=args.n,
-                         max_new_tokens=args.max_new_tokens, seed=args.seed, with_diffmean=not args.no_diffmean)
+    try:
+        rows = steer_compare(subject, concepts, dictionaries, args.site, kl_targets=args.kl,
+                             prompts=args.prompt or [NEUTRAL_PROMPT], negatives=negatives, n=args.n,
+                             max_new_tokens=args.max_new_tokens, seed=args.seed, with_diffmean=not args.no_diffmean,
+                             judge=judge)
+    finally:
+        if judge is not None:
+            judge.backend.close()
     paths = write_steer_compare(out, rows)
     print_summary(rows)
     print(f"wrote {paths['table']} and {paths['plot']}")
