@@ -20,8 +20,8 @@ HERE = Path(__file__).resolve().parent
 SITE = "blocks.6.mlp_hidden"
 DICTIONARIES = ("neurons-1536", "snmf-256", "topk-4608-k32")
 PROMPTS = ("I think that", "Today, I")
-KL = ("0.1", "0.25", "0.5")
-N, TOKENS = 8, 40
+KL = ("0.25", "0.5")
+N, TOKENS = 6, 30
 
 
 def main(argv: list[str]) -> int:
