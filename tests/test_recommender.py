@@ -1,13 +1,16 @@
-"""The RecSAE world: sequences follow the stated preferences, the scores equal brute force, the trained model and
-its units carry the attributes."""
+"""The RecSAE world: sequences follow the stated preferences, the scores equal brute force, units and thresholds are
+chosen on other rows than those scored, and the demo's figures are what its saved SAE gives on the world's exact
+item attributes."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
-from unitscope.worlds.recommender import GENRES, make_catalogue, make_sequences
-from unitscope.worlds.recsae import precision_recall, run_recommender_demo
+from unitscope.dictionaries import load_dictionary
+from unitscope.worlds.recommender import GENRES, SequentialRecommender, hidden_states, make_catalogue, make_sequences
+from unitscope.worlds.recsae import chosen_on_fit, precision_recall, run_recommender_demo, tuned_fires
 
 
 def test_sequences_keep_each_preference_at_the_stated_rate():
@@ -32,11 +35,66 @@ def test_precision_recall_equal_brute_force():
         assert p[u] == tp / fires[:, u].sum() and r[u] == tp / concept.sum()
 
 
+def test_tuned_threshold_is_the_best_f1_cut_on_the_fit_rows():
+    rng = np.random.default_rng(1)
+    concept = rng.random(300) < 0.3
+    fit = rng.normal(size=(300, 3)) + np.outer(concept, [2.0, -2.0, 0.0])
+    rows = rng.normal(size=(50, 3))
+    fires = tuned_fires(fit, rows, concept, both_signs=True)
+    assert fires.shape == (50, 6)
+    both_fit, both_rows = np.concatenate([fit, -fit], 1), np.concatenate([rows, -rows], 1)
+    for u in range(6):  # brute force: every cut tried in turn, the first best F1 kept
+        best_cut, best_f1 = None, -1.0
+        for q in np.linspace(0.02, 0.98, 49):
+            cut = np.quantile(both_fit[:, u], q)
+            on = both_fit[:, u] > cut
+            tp = int((on & concept).sum())
+            f1 = 2 * tp / (on.sum() + concept.sum()) if tp else 0.0
+            if f1 > best_f1:
+                best_cut, best_f1 = cut, f1
+        assert (fires[:, u] == (both_rows[:, u] > best_cut)).all()
+    # unit 0 rises with the concept, unit 1 falls: their useful side is + and - respectively
+    assert fires[:, 0].mean() < 0.9 and fires[:, 4].mean() < 0.9
+
+
+def test_unit_is_chosen_on_the_fit_rows_and_scored_on_the_test_rows():
+    rng = np.random.default_rng(2)
+    fit_c, test_c = rng.random(400) < 0.3, rng.random(400) < 0.3
+    noise = rng.random(400) < 0.3
+    fit_fires = np.stack([fit_c, noise], 1)  # unit 0 is the concept on the fit rows, unit 1 noise
+    test_fires = np.stack([rng.random(400) < 0.5, test_c], 1)  # ... and the other way round on the test rows
+    best = chosen_on_fit(fit_fires, test_fires, fit_c, test_c)
+    p, r = precision_recall(test_fires[:, [0]], test_c)
+    assert best == {"unit": 0, "precision": round(float(p[0]), 4), "recall": round(float(r[0]), 4)}
+
+
 def test_demo_small(tmp_path):
     torch.set_num_threads(1)
-    r = run_recommender_demo(tmp_path, n_users=800, sae_units=12, sae_k=2, sae_steps=300, rec_steps=200)
+    r = run_recommender_demo(tmp_path, n_users=800, sae_units=8, sae_k=2, sae_steps=300, rec_steps=200)
     assert r["hit_rate_at_10"] > 5 * r["chance_hit_rate_at_10"]
     for name, base in r["base_rates"].items():  # every attribute value has a unit well above its base rate
-        assert r["sae_latents"][name]["precision"] > 1.5 * base, (name, r["sae_latents"][name], base)
-        assert r["neurons"][name]["precision"] > 1.5 * base, (name, r["neurons"][name], base)
-    assert (tmp_path / "sae" / "cfg.json").is_file()
+        for kind in ("sae_latents", "sae_latents_tuned", "neurons"):
+            assert r[kind][name]["precision"] > 1.5 * base, (kind, name, r[kind][name], base)
+    # the figures are what the saved recommender and SAE give against the world's exact item attributes
+    cat = make_catalogue(seed=0)
+    held = make_sequences(cat, 1000, seed=1)
+    model = SequentialRecommender(cat.n_items)
+    model.load_state_dict(load_file(tmp_path / "recommender.safetensors"))
+    h = hidden_states(model, held).reshape(1000, 20, -1)[:, 4:].reshape(-1, 64)
+    sae = load_dictionary(str(tmp_path / "sae"))
+    with torch.no_grad():
+        codes = sae.encode(h).numpy()
+    items = held[:, 4:].reshape(-1)
+    half = 500 * 16
+    for name, truth in cat.attributes().items():
+        c = truth[items]
+        unit = r["sae_latents"][name]["unit"]
+        p, rec = precision_recall(codes[half:, [unit]] > 0, c[half:])
+        assert (round(float(p[0]), 4), round(float(rec[0]), 4)) == (r["sae_latents"][name]["precision"],
+                                                                    r["sae_latents"][name]["recall"])
+        fit_p, fit_r = precision_recall(codes[:half] > 0, c[:half])  # and that unit is the fit rows' best F1
+        f1 = 2 * fit_p * fit_r / np.maximum(fit_p + fit_r, 1e-12)
+        assert f1[unit] == f1.max()
+    mix = r["latent_mix"]
+    assert len(mix) == 8 and all(abs(sum(m["genre"].values()) - 1) < 0.01 for m in mix if m["fires"] > 0)
+    assert [m["fires"] for m in mix] == [round(float(v), 4) for v in (codes > 0).mean(0)]

@@ -2,23 +2,25 @@
 item attributes, beside the raw neurons.
 
 A row is a sequence position from the fifth item on (`skip` = 4: before that a user's preferences are barely
-visible); its concepts are the attributes of the item just read. A unit fires on a row when
-its code is > 0 (SAE latents, no tuning) or, for raw neurons and again for SAE latents ("tuned"), when it is
-beyond a threshold (either sign) chosen on the first half of the users to maximise F1; every figure is measured
-on the other half. Precision =
-P(concept | fires), recall = P(fires | concept); per attribute value the unit with the best F1 is reported.
+visible); its concepts are the attributes of the item just read (the world's exact item attributes). The held-out
+users are split in two: on the first half ("fit") each unit gets its threshold and each attribute value its unit,
+on the second half ("test") that unit's precision = P(concept | fires) and recall = P(fires | concept) are measured.
+A unit fires when its value is beyond a threshold chosen on the fit rows to maximise F1: either sign for raw
+neurons, above it for SAE latents (codes are >= 0); SAE latents are also scored as they come (fire when > 0).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from ..vision.rows import train_on_rows
-from .recommender import hidden_states, hit_rate, make_catalogue, make_sequences, train_recommender
+from .recommender import GENRES, PRICES, hidden_states, hit_rate, make_catalogue, make_sequences, train_recommender
 
 
 def precision_recall(fires: np.ndarray, concept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -34,6 +36,7 @@ def _f1(p: np.ndarray, r: np.ndarray) -> np.ndarray:
 
 
 def best_units(fires: np.ndarray, concepts: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per concept, the unit with the best F1 on these rows, and its precision and recall on them."""
     out = {}
     for name, c in concepts.items():
         p, r = precision_recall(fires, c)
@@ -42,34 +45,73 @@ def best_units(fires: np.ndarray, concepts: dict[str, np.ndarray]) -> dict[str, 
     return out
 
 
-def neuron_fires(fit: np.ndarray, test: np.ndarray, fit_concepts: dict[str, np.ndarray],
-                 quantiles: np.ndarray = np.linspace(0.02, 0.98, 49)) -> dict[str, np.ndarray]:
-    """Per concept, every neuron (both signs) thresholded where F1 on the fit rows is best -> test fires
-    (rows, 2 * neurons); the columns are neuron i and then the negated neuron i."""
-    both_fit, both_test = np.concatenate([fit, -fit], 1), np.concatenate([test, -test], 1)
-    cuts = np.quantile(both_fit, quantiles, axis=0)  # (q, 2n)
+def chosen_on_fit(fit_fires: np.ndarray, test_fires: np.ndarray, fit_concept: np.ndarray,
+                  test_concept: np.ndarray) -> dict[str, float]:
+    """The unit with the best F1 on the fit rows, scored on the test rows: choosing on the rows that are scored
+    would let the best of many units look better than it is."""
+    p, r = precision_recall(fit_fires, fit_concept)
+    u = int(_f1(p, r).argmax())
+    tp, tr = precision_recall(test_fires[:, [u]], test_concept)
+    return {"unit": u, "precision": round(float(tp[0]), 4), "recall": round(float(tr[0]), 4)}
+
+
+def tuned_fires(fit: np.ndarray, rows: np.ndarray, fit_concept: np.ndarray, both_signs: bool,
+                quantiles: np.ndarray = np.linspace(0.02, 0.98, 49)) -> np.ndarray:
+    """Each unit thresholded where its F1 for the concept on the fit rows is best -> fires on `rows` (rows, units);
+    with `both_signs` the columns are unit i and then the negated unit i."""
+    if both_signs:
+        fit, rows = np.concatenate([fit, -fit], 1), np.concatenate([rows, -rows], 1)
+    cuts = np.quantile(fit, quantiles, axis=0)  # (q, units)
+    best, best_f1 = np.zeros(fit.shape[1]), np.full(fit.shape[1], -1.0)
+    for cut in cuts:
+        f = _f1(*precision_recall(fit > cut, fit_concept))
+        better = f > best_f1
+        best[better], best_f1[better] = cut[better], f[better]
+    return rows > best
+
+
+def score_units(fit: np.ndarray, test: np.ndarray, fit_concepts: dict[str, np.ndarray],
+                test_concepts: dict[str, np.ndarray], both_signs: bool) -> dict[str, dict[str, Any]]:
+    """Per attribute value: thresholds and unit chosen on the fit rows, precision/recall on the test rows."""
     out = {}
+    n = fit.shape[1]
     for name, c in fit_concepts.items():
-        best = np.zeros(both_fit.shape[1])
-        best_f1 = np.full(both_fit.shape[1], -1.0)
-        for cut in cuts:
-            p, r = precision_recall(both_fit > cut, c)
-            f = _f1(p, r)
-            better = f > best_f1
-            best[better], best_f1[better] = cut[better], f[better]
-        out[name] = both_test > best
+        best = chosen_on_fit(tuned_fires(fit, fit, c, both_signs), tuned_fires(fit, test, c, both_signs), c,
+                             test_concepts[name])
+        best["unit"], best["sign"] = best["unit"] % n, "+" if best["unit"] < n else "-"
+        out[name] = best
     return out
 
 
+def latent_mix(codes: np.ndarray, genre: np.ndarray, price: np.ndarray) -> list[dict[str, Any]]:
+    """Per latent: how often it fires (> 0) and the share of each genre and price band among the rows where it
+    does; a latent that is one attribute value has one share near 1 and the other attribute spread evenly."""
+    out = []
+    for u in range(codes.shape[1]):
+        on = codes[:, u] > 0
+        n = max(int(on.sum()), 1)
+        out.append({"latent": u, "fires": round(float(on.mean()), 4),
+                    "genre": {g: round(float((genre[on] == i).sum() / n), 3) for i, g in enumerate(GENRES)},
+                    "price": {p: round(float((price[on] == i).sum() / n), 3) for i, p in enumerate(PRICES)}})
+    return out
 
 
-def run_recommender_demo(out: str | Path, n_users: int = 3000, seed: int = 0, sae_units: int = 12, sae_k: int = 2,
+def passing(best: dict[str, dict[str, Any]], bar: float = 0.8) -> int:
+    return sum(v["precision"] > bar and v["recall"] > bar for v in best.values())
+
+
+def run_recommender_demo(out: str | Path, n_users: int = 3000, seed: int = 0, sae_units: int = 8, sae_k: int = 2,
                          sae_steps: int = 1500, rec_steps: int = 400, skip: int = 4) -> dict[str, Any]:
-    """Train the world's recommender and a TopK SAE on its hidden states (SAE saved under OUT/sae); score both."""
+    """Train the world's recommender (saved as OUT/recommender.safetensors) and a TopK SAE on its hidden states
+    (OUT/sae); score both on held-out users drawn with seed + 1."""
     out = Path(out)
     cat = make_catalogue(seed=seed)
     seqs = make_sequences(cat, n_users, seed=seed)
     model = train_recommender(seqs, cat.n_items, steps=rec_steps, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".recommender.safetensors.tmp"
+    save_file(model.state_dict(), str(tmp))
+    os.replace(tmp, out / "recommender.safetensors")
     held = make_sequences(cat, 1000, seed=seed + 1)
 
     def rows(s: np.ndarray) -> torch.Tensor:
@@ -81,28 +123,23 @@ def run_recommender_demo(out: str | Path, n_users: int = 3000, seed: int = 0, sa
     h = rows(held)
     items = held[:, skip:].reshape(-1)
     attrs = {k: v[items] for k, v in cat.attributes().items()}
-    half = (len(held) // 2) * (held.shape[1] - skip)  # the first half of the users fit neuron thresholds
+    half = (len(held) // 2) * (held.shape[1] - skip)  # rows of the first half of the held-out users
+    fit_c, test_c = {k: v[:half] for k, v in attrs.items()}, {k: v[half:] for k, v in attrs.items()}
     with torch.no_grad():
-        codes = sae.encode(h[half:]).numpy()
-    test_concepts = {k: v[half:] for k, v in attrs.items()}
-    sae_best = best_units(codes > 0, test_concepts)
-    with torch.no_grad():
-        fit_codes = sae.encode(h[:half]).numpy()
-    tuned = neuron_fires(fit_codes, codes, {k: v[:half] for k, v in attrs.items()})
-    sae_tuned = {k: best_units(tuned[k], {k: test_concepts[k]})[k] for k in test_concepts}
-    fires = neuron_fires(h[:half].numpy(), h[half:].numpy(), {k: v[:half] for k, v in attrs.items()})
-    neuron_best = {k: best_units(fires[k], {k: test_concepts[k]})[k] for k in test_concepts}
-    for best, n in ((neuron_best, h.shape[1]), (sae_tuned, sae_units)):
-        for v in best.values():  # name the unit and its sign
-            v["unit"], v["sign"] = v["unit"] % n, "+" if v["unit"] < n else "-"
-
-    def passing(best: dict[str, dict[str, float]]) -> int:
-        return sum(v["precision"] > 0.8 and v["recall"] > 0.8 for v in best.values())
-
+        codes = sae.encode(h).numpy()
+        fvu = float(((sae.decode(sae.encode(h)) - h) ** 2).sum() / ((h - h.mean(0)) ** 2).sum())
+    hn = h.numpy()
+    sae_raw = {k: chosen_on_fit(codes[:half] > 0, codes[half:] > 0, fit_c[k], test_c[k]) for k in attrs}
+    sae_tuned = score_units(codes[:half], codes[half:], fit_c, test_c, both_signs=False)
+    neurons = score_units(hn[:half], hn[half:], fit_c, test_c, both_signs=True)
     return {"hit_rate_at_10": round(hit_rate(model, held), 4), "chance_hit_rate_at_10": round(10 / cat.n_items, 4),
-            "sae": {"units": sae_units, "k": sae_k, "steps": sae_steps}, "rows_from_position": skip,
-            "base_rates": {k: round(float(v.mean()), 4) for k, v in test_concepts.items()},
-            "sae_latents": sae_best, "sae_latents_tuned": sae_tuned, "neurons": neuron_best,
-            "attributes": len(sae_best), "attributes_with_a_latent_above_0.8": passing(sae_best),
+            "sae": {"units": sae_units, "k": sae_k, "steps": sae_steps, "held_out_fvu": round(fvu, 4),
+                    "dead_latents": int(((codes > 0).sum(0) == 0).sum()),
+                    "decoder_bias_distance_to_mean": round(float((sae.b_dec.detach() - h.mean(0)).norm()), 3)},
+            "rows_from_position": skip,
+            "base_rates": {k: round(float(v.mean()), 4) for k, v in test_c.items()},
+            "sae_latents": sae_raw, "sae_latents_tuned": sae_tuned, "neurons": neurons,
+            "latent_mix": latent_mix(codes, cat.genre[items], cat.price[items]),
+            "attributes": len(attrs), "attributes_with_a_latent_above_0.8": passing(sae_raw),
             "attributes_with_a_tuned_latent_above_0.8": passing(sae_tuned),
-            "attributes_with_a_neuron_above_0.8": passing(neuron_best)}
+            "attributes_with_a_neuron_above_0.8": passing(neurons)}
