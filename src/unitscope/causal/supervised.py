@@ -17,21 +17,36 @@ activation x of the last token).
   only) by editing x alone. Supervised: x + u_IO[v'] - u_IO[io]. Dictionary: set the k units with the largest
   |c_cf - c| * |decode row| to their counterfactual codes (error kept), k = 1, 2, 4, ... up to every unit
   that differs; a row is controlled when logit(v') > logit(io) after the edit; reported: the fraction
-  controlled and the mean smallest k over controlled rows. The full counterfactual patch (x -> x_cf) is the
-  ceiling.
+  controlled and the mean smallest k over controlled rows (k doubles until a row is controlled, then bisection
+  between the last failing and the first working k, per row, all rows in one forward per step). The full
+  counterfactual patch (x -> x_cf) is the ceiling. The supervised edit changes 2 features (its `control_k`).
+
+Every row also has the FVU of its reconstruction of the held-out x (variance about the fit rows' mean).
+
+Dictionaries of any kind enter only through `encode`, `decode` and `directions` (no branching on the kind); each
+must read and write the site the checks edit. `run_task` builds a named task (`TASKS`), runs the checks and
+`write_supervised` writes the table as `supervised.parquet` and `supervised.json` (one directory swap).
 """
 
 from __future__ import annotations
 
+import json
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from .. import hooks
+from ..atomic import replace_dir
 from ..errors import UnitscopeError
+from .effects import model_logits
+
+TABLE, SUMMARY = "supervised.parquet", "supervised.json"
 
 TEMPLATE = "When{A} and{B} went to the store,{S} gave a drink to"
 NAMES = (" Mary", " John", " Tom", " James", " Anna", " Sarah", " David", " Paul")
@@ -90,7 +105,29 @@ def _last_edit(subject: Any, site: str, values: torch.Tensor) -> hooks.Intervent
 
 def _logits(subject: Any, ids: torch.Tensor, edits: Sequence[hooks.Intervention] = ()) -> torch.Tensor:
     with torch.inference_mode(), hooks.intervene(subject.model, list(edits)):
-        return subject.model(input_ids=ids.to(subject.device), use_cache=False).logits[:, -1].float().cpu()
+        return model_logits(subject, ids)[:, -1].float().cpu()
+
+
+def _last(subject: Any, ids: torch.Tensor, site: str) -> torch.Tensor:
+    """The site's activation at the last position [N, d] (the forward stops after the site)."""
+    with torch.inference_mode(), subject.capture([site], stop=True) as acts:
+        try:
+            model_logits(subject, ids)
+        except hooks.StopForward:
+            pass
+    return acts[site][:, -1].float().cpu()
+
+
+def check_dictionary(name: str, d: Any, site: str, width: int) -> None:
+    """A dictionary must read and write the edited site at its width; one sentence otherwise."""
+    if d.input_site is not None and d.input_site != site:
+        raise UnitscopeError(f"dictionary {name!r} was trained on site {d.input_site!r}, not {site!r} where these "
+                             f"checks edit; give dictionaries of site {site!r}")
+    if d.output_site is not None and d.output_site != (d.input_site or site):
+        raise UnitscopeError(f"dictionary {name!r} reads {d.input_site!r} and writes {d.output_site!r} (a "
+                             f"transcoder); the supervised checks read and write one site")
+    if d.d_in != width or d.d_out != width:
+        raise UnitscopeError(f"dictionary {name!r} has width {d.d_in} but site {site!r} has width {width}")
 
 
 def _ld(logits: torch.Tensor, a: torch.Tensor, b: torch.Tensor, name_ids: torch.Tensor) -> torch.Tensor:
@@ -117,7 +154,7 @@ class SupervisedMeans:
         return sum(self.parts[k][getattr(data, k)[idx]] for k in self.parts)
 
 
-def supervised_checks(subject: Any, site: str, data: IOIData, dictionaries: dict[str, Any] | None = None,
+def supervised_checks(subject: Any, site: str, data: IOIData, dictionaries: Mapping[str, Any] | None = None,
                       fit_fraction: float = 0.5) -> list[dict[str, Any]]:
     """One row per method (`supervised`, each dictionary, and `counterfactual patch` as the ceiling of control)
     with sufficiency, necessity and sparse control on the held-out prompts (see the module docstring)."""
@@ -126,9 +163,10 @@ def supervised_checks(subject: Any, site: str, data: IOIData, dictionaries: dict
     if not 2 <= n_fit <= n - 2:
         raise UnitscopeError(f"{n} prompts are too few to fit on {fit_fraction:.0%} and test on the rest")
     fit, test = torch.arange(n_fit), torch.arange(n_fit, n)
-    with torch.inference_mode():
-        x = subject.collect(data.input_ids, [site])[site][:, -1].float().cpu()
-        x_cf = subject.collect(data.cf_ids, [site])[site][:, -1].float().cpu()
+    x = _last(subject, data.input_ids, site)
+    x_cf = _last(subject, data.cf_ids, site)
+    for name, d in (dictionaries or {}).items():
+        check_dictionary(name, d, site, x.shape[1])
     ids = data.input_ids[test]
     io, s, cf, names = data.io[test], data.s[test], data.cf[test], data.name_ids
     clean = _ld(_logits(subject, ids), io, s, names).mean()
@@ -143,17 +181,57 @@ def supervised_checks(subject: Any, site: str, data: IOIData, dictionaries: dict
     feats = sup.features(data, test)
     xt = x[test]
     swap = xt + sup.parts["io"][cf] - sup.parts["io"][io]
-    rows = [{"method": "supervised", "units": int(sum(p.shape[0] for p in sup.parts.values())),
+    rows = [{"method": "supervised", "kind": "supervised", "units": int(sum(p.shape[0] for p in sup.parts.values())),
+             "fvu": _fvu(xt, sup.mean + feats, x[fit]),
              "sufficiency": float(ld_with(sup.mean + feats).mean() / clean),
              "necessity": float(ld_with(xt - feats).mean() / clean),
-             "control": float(controlled(swap).float().mean()), "control_k": None},
-            {"method": "counterfactual patch", "units": None, "sufficiency": None, "necessity": None,
-             "control": float(controlled(x_cf[test]).float().mean()), "control_k": None}]
+             "control": float(controlled(swap).float().mean()), "control_k": 2.0},
+            {"method": "counterfactual patch", "kind": "patch", "units": None, "fvu": None, "sufficiency": None,
+             "necessity": None, "control": float(controlled(x_cf[test]).float().mean()), "control_k": None}]
     for name, d in (dictionaries or {}).items():
         rows.append(_dictionary_row(name, d, x, x_cf, fit, test, ld_with, controlled, clean))
     for r in rows:
         r["clean_logit_diff"] = float(clean)
+        r["n_test"] = len(test)
     return rows
+
+
+def _fvu(x: torch.Tensor, x_hat: torch.Tensor, ref: torch.Tensor) -> float:
+    """Fraction of variance unexplained on the held-out rows (variance about the fit rows' mean)."""
+    return float((x - x_hat).pow(2).sum() / (x - ref.mean(0)).pow(2).sum())
+
+
+def _smallest_k(order: torch.Tensor, n_diff: torch.Tensor, ct: torch.Tensor, c_cf: torch.Tensor,
+                try_codes) -> torch.Tensor:
+    """Per row, the smallest k (-1: none) for which setting its k highest-ranked units to their counterfactual codes
+    controls it: k doubles (all rows together) up to the row's number of differing units, then bisection between
+    the last failing and the first working k, each step one forward over the rows still open."""
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
+
+    def works(k: torch.Tensor) -> torch.Tensor:
+        return try_codes(torch.where(rank < k[:, None], c_cf, ct))
+
+    n_rows = len(ct)
+    lo = torch.zeros(n_rows, dtype=torch.long)  # largest k known to fail (0: none tried)
+    hi = torch.full((n_rows,), -1, dtype=torch.long)  # smallest k known to work
+    k = 1
+    while True:
+        k_row = torch.minimum(torch.full_like(n_diff, k), n_diff)
+        open_ = (hi < 0) & (k_row > lo)
+        if not open_.any():
+            break
+        ok = works(k_row)
+        hi = torch.where(open_ & ok, k_row, hi)
+        lo = torch.where(open_ & ~ok, k_row, lo)
+        k *= 2
+    while True:
+        open_ = (hi > 0) & (hi - lo > 1)
+        if not open_.any():
+            return hi
+        mid = torch.where(open_, (lo + hi) // 2, hi)
+        ok = works(mid)
+        hi = torch.where(open_ & ok, mid, hi)
+        lo = torch.where(open_ & ~ok, mid, lo)
 
 
 def _dictionary_row(name, d, x, x_cf, fit, test, ld_with, controlled, clean) -> dict[str, Any]:
@@ -169,19 +247,52 @@ def _dictionary_row(name, d, x, x_cf, fit, test, ld_with, controlled, clean) -> 
         nec = ld_with(xt - dec(ct) + dec(mean_c)).mean() / clean
         weight = (c_cf - ct).abs() * d.directions.float().norm(dim=1)[None]
         order = weight.argsort(dim=1, descending=True)
-        n_diff = int((weight > 0).sum(1).max())
-        k_found = torch.full((len(test),), -1)
-        k = 1
-        while k_found.lt(0).any() and n_diff > 0:
-            k = min(k, n_diff)
-            mask = torch.zeros_like(ct, dtype=torch.bool).scatter(1, order[:, :k], True)
-            edited = torch.where(mask, c_cf, ct)
-            ok = controlled(xt + dec(edited) - dec(ct))
-            k_found = torch.where(ok & (k_found < 0), torch.full_like(k_found, k), k_found)
-            if k == n_diff:
-                break
-            k *= 2
+        k_found = _smallest_k(order, (weight > 0).sum(1), ct, c_cf,
+                              lambda codes: controlled(xt + dec(codes) - dec(ct)))
+        fvu = _fvu(xt, dec(ct), x[fit])
     done = k_found > 0
-    return {"method": name, "units": d.n_units, "sufficiency": float(suff), "necessity": float(nec),
-            "control": float(done.float().mean()),
+    return {"method": name, "kind": d.architecture, "units": d.n_units, "fvu": fvu, "sufficiency": float(suff),
+            "necessity": float(nec), "control": float(done.float().mean()),
             "control_k": float(k_found[done].float().mean()) if done.any() else None}
+
+
+TASKS = {"ioi": ioi_dataset}
+
+
+def build_task(task: str, tokenizer: Any, n: int = 64, seed: int = 0, names: Sequence[str] | None = None) -> IOIData:
+    """The prompts of a named task (`TASKS`)."""
+    if task not in TASKS:
+        raise UnitscopeError(f"unknown task {task!r}; valid tasks are {', '.join(TASKS)}")
+    if tokenizer is None:
+        raise UnitscopeError("the supervised checks build their prompts with the model's tokenizer, and this model "
+                             "has none")
+    return TASKS[task](tokenizer, n=n, seed=seed, **({"names": tuple(names)} if names else {}))
+
+
+def write_supervised(out: str | Path, rows: Sequence[Mapping[str, Any]],
+                     settings: Mapping[str, Any]) -> dict[str, Path]:
+    """`supervised.parquet` (the rows) and `supervised.json` (settings and rows) in `out`, swapped in together."""
+    out = Path(out)
+    with replace_dir(out, allowed={TABLE, SUMMARY}) as tmp:
+        pq.write_table(pa.Table.from_pylist([dict(r) for r in rows], schema=SCHEMA), tmp / TABLE)
+        (tmp / SUMMARY).write_text(json.dumps({"settings": dict(settings), "rows": [dict(r) for r in rows]}, indent=2))
+    return {"table": out / TABLE, "json": out / SUMMARY}
+
+
+SCHEMA = pa.schema([("method", pa.string()), ("kind", pa.string()), ("units", pa.int64()), ("fvu", pa.float64()),
+                    ("sufficiency", pa.float64()), ("necessity", pa.float64()), ("control", pa.float64()),
+                    ("control_k", pa.float64()), ("clean_logit_diff", pa.float64()), ("n_test", pa.int64())])
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The rows as aligned text ('-' where a figure does not apply)."""
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    lines = [f"{'method':<24} {'kind':<12} {'units':>6} {'FVU':>7} {'sufficiency':>11} {'necessity':>9} "
+             f"{'control':>7} {'k':>6}"]
+    for r in rows:
+        lines.append(f"{str(r['method'])[:24]:<24} {str(r['kind'])[:12]:<12} {f(r['units'], 'd'):>6} "
+                     f"{f(r['fvu'], '.3f'):>7} {f(r['sufficiency'], '.3f'):>11} {f(r['necessity'], '.3f'):>9} "
+                     f"{f(r['control'], '.2f'):>7} {f(r['control_k'], '.1f'):>6}")
+    return "\n".join(lines)

@@ -15,8 +15,9 @@ from . import (
     sites,
     steer,
     steer_compare,
+    supervised,
     train,
 )
 
 MODULES = (run, sites, record, train, evaluate, explain, report, serve, export, steer, steer_compare, attribute,
-           effects, dissect, recommender)
+           effects, supervised, dissect, recommender)
