@@ -51,7 +51,9 @@ class SparseAutoencoder(Dictionary):
                  apply_b_dec_to_input: bool = True, d_out: int | None = None):
         super().__init__(d_in, n_units, d_out, metadata)
         self.apply_b_dec_to_input = apply_b_dec_to_input and self.d_out == self.d_in
-        self.W_enc = nn.Parameter(torch.empty(self.d_in, self.n_units))
+        # the sparse kernels read and write the encoder by rows: keep [d, n] (SAELens) as a view of [n, d] storage
+        enc = torch.empty(self.n_units, self.d_in).t() if self.sparse_kernels else torch.empty(self.d_in, self.n_units)
+        self.W_enc = nn.Parameter(enc)
         self.b_enc = nn.Parameter(torch.zeros(self.n_units))
         self.W_dec = nn.Parameter(torch.empty(self.n_units, self.d_out))
         self.b_dec = nn.Parameter(torch.zeros(self.d_out))
@@ -246,7 +248,8 @@ class TopKSAE(SparseAutoencoder):
             picked["m"], picked["keep"] = top.shape[1], keep
             if not ka:
                 return top
-            aux = pre.masked_fill(~dead, float("-inf")).topk(ka, dim=1, sorted=False).indices
+            dead_units = dead.nonzero().flatten()  # n_dead >= ka: the dead columns' topk, not a masked [B, n] copy
+            aux = dead_units[pre.index_select(1, dead_units).topk(ka, dim=1, sorted=False).indices]
             return torch.cat([top, aux], dim=1)
 
         vals, idx = select_encode(x_in, self.W_enc.t(), self.b_enc, select, compute_dtype)

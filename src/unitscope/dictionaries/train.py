@@ -174,7 +174,9 @@ class Trainer:
             "prepend_bos": False, "exclude_first_position": True,
         }
         self.sae = build_dictionary(cfg, d_in, metadata, d_out).to(self.device)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate_for(d_in), betas=(0.9, 0.999), eps=1e-8)
+        # fused: one kernel per parameter instead of ~10 passes over each (CPU and CUDA); the state stays Adam's
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate_for(d_in), betas=(0.9, 0.999), eps=1e-8,
+                                    fused=torch.device(self.device).type in ("cpu", "cuda"))
         self.step = 0
         self.scale = 1.0
         self.out_scale = 1.0
@@ -216,13 +218,14 @@ class Trainer:
     def _write_checkpoint(self, keep: int) -> None:
         d = self._ckpt_dir()
         d.mkdir(parents=True, exist_ok=True)
-        tensors = {f"param.{k}": v.detach().cpu().clone() for k, v in self.sae.state_dict().items()}
+        tensors = {f"param.{k}": v.detach().cpu().clone(memory_format=torch.contiguous_format)
+                   for k, v in self.sae.state_dict().items()}
         names = [n for n, _ in self.sae.named_parameters()]
         for i, name in enumerate(names):
             st = self.opt.state.get(self.opt.param_groups[0]["params"][i], {})
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in st:
-                    tensors[f"adam.{name}.{key}"] = st[key].cpu().clone()
+                    tensors[f"adam.{name}.{key}"] = st[key].cpu().clone(memory_format=torch.contiguous_format)
             if "step" in st:
                 tensors[f"adam.{name}.step"] = torch.as_tensor(st["step"]).reshape(1).float()
         tensors["since_fired"] = self.since_fired.cpu().clone()
@@ -260,13 +263,15 @@ class Trainer:
         self._check_checkpoint(state)
         tensors = load_file(str(st_path), device=self.device)
         self.sae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("param.")})
+        fused = bool(self.opt.param_groups[0].get("fused"))
         for i, (name, _) in enumerate(self.sae.named_parameters()):
             p = self.opt.param_groups[0]["params"][i]
             if f"adam.{name}.exp_avg" in tensors:
-                self.opt.state[p] = {
-                    "step": tensors[f"adam.{name}.step"].reshape(()).cpu(),
-                    "exp_avg": tensors[f"adam.{name}.exp_avg"].clone(),
-                    "exp_avg_sq": tensors[f"adam.{name}.exp_avg_sq"].clone(),
+                step = tensors[f"adam.{name}.step"].reshape(())
+                self.opt.state[p] = {  # the moments in the parameter's own layout (W_enc is a transposed view)
+                    "step": step.to(p.device, torch.float32) if fused else step.cpu(),
+                    "exp_avg": torch.empty_like(p).copy_(tensors[f"adam.{name}.exp_avg"]),
+                    "exp_avg_sq": torch.empty_like(p).copy_(tensors[f"adam.{name}.exp_avg_sq"]),
                 }
         self.since_fired = tensors["since_fired"].clone()
         self.step, self.scale, self.log = state["step"], state["scale"], state["log"]
