@@ -10,7 +10,15 @@ from safetensors.torch import load_file
 
 from unitscope.dictionaries import load_dictionary
 from unitscope.worlds.recommender import GENRES, SequentialRecommender, hidden_states, make_catalogue, make_sequences
-from unitscope.worlds.recsae import chosen_on_fit, precision_recall, run_recommender_demo, tuned_fires
+from unitscope.worlds.recsae import (
+    chosen_on_fit,
+    concept_scores,
+    latent_concepts,
+    precision_recall,
+    run_recommender_demo,
+    tuned_fires,
+    union_scores,
+)
 
 
 def test_sequences_keep_each_preference_at_the_stated_rate():
@@ -68,6 +76,31 @@ def test_unit_is_chosen_on_the_fit_rows_and_scored_on_the_test_rows():
     assert best == {"unit": 0, "precision": round(float(p[0]), 4), "recall": round(float(r[0]), 4)}
 
 
+def test_recsae_concepts_of_planted_latents():
+    """Latent 0 is 'drama', latent 1 'premium drama' (a conjunction), latent 2 'premium' but only half of it,
+    latent 3 fires at random: the concepts built from their top items and their scores follow the plant."""
+    cat = make_catalogue(seed=0)
+    values = {"genre": cat.genre, "price": cat.price}
+    items = np.random.default_rng(3).integers(0, cat.n_items, 6000)
+    drama, premium = cat.genre[items] == GENRES.index("drama"), cat.price[items] == 2
+    half_premium = premium & (items % 2 == 0)
+    noise = np.random.default_rng(4).random(6000)
+    codes = np.stack([drama * 1.0, (drama & premium) * 2.0, half_premium * 1.0, noise], 1)
+    concepts = latent_concepts(codes[:3000], items[:3000], values)
+    assert concepts[:3] == [{"genre": 2}, {"genre": 2, "price": 2}, {"price": 2}]
+    own = concept_scores(codes[3000:], items[3000:], values, concepts)
+    assert [(o["latent"], o["precision"], o["recall"]) for o in own[:2]] == [(0, 1.0, 1.0), (1, 1.0, 1.0)]
+    half_share = half_premium[3000:].sum() / premium[3000:].sum()
+    assert own[2]["precision"] == 1.0 and abs(own[2]["recall"] - half_share) < 1e-4
+    unions = union_scores(codes[3000:], concepts, {"genre=drama": drama[3000:], "price=premium": premium[3000:]},
+                          {"genre=drama": ("genre", 2), "price=premium": ("price", 2)})
+    assert unions["genre=drama"] == {"latents": [0, 1], "precision": 1.0, "recall": 1.0}
+    p, r = precision_recall(((drama & premium) | half_premium)[3000:, None], premium[3000:])
+    assert unions["price=premium"]["latents"] == [1, 2]
+    assert (unions["price=premium"]["precision"], unions["price=premium"]["recall"]) == (round(float(p[0]), 4),
+                                                                                         round(float(r[0]), 4))
+
+
 def test_demo_small(tmp_path):
     torch.set_num_threads(1)
     r = run_recommender_demo(tmp_path, n_users=800, sae_units=8, sae_k=2, sae_steps=300, rec_steps=200)
@@ -95,6 +128,9 @@ def test_demo_small(tmp_path):
         fit_p, fit_r = precision_recall(codes[:half] > 0, c[:half])  # and that unit is the fit rows' best F1
         f1 = 2 * fit_p * fit_r / np.maximum(fit_p + fit_r, 1e-12)
         assert f1[unit] == f1.max()
+    values = {"genre": cat.genre, "price": cat.price}
+    concepts = latent_concepts(codes[:half], items[:half], values)
+    assert r["latent_concepts"] == concept_scores(codes[half:], items[half:], values, concepts)
     mix = r["latent_mix"]
     assert len(mix) == 8 and all(abs(sum(m["genre"].values()) - 1) < 0.01 for m in mix if m["fires"] > 0)
     assert [m["fires"] for m in mix] == [round(float(v), 4) for v in (codes > 0).mean(0)]

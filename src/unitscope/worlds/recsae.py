@@ -96,6 +96,54 @@ def latent_mix(codes: np.ndarray, genre: np.ndarray, price: np.ndarray) -> list[
     return out
 
 
+def latent_concepts(fit_codes: np.ndarray, fit_items: np.ndarray, item_values: dict[str, np.ndarray],
+                    top: int = 20, purity: float = 0.8) -> list[dict[str, int]]:
+    """RecSAE's concept per latent, with the world's attributes in place of its LLM summary: the `top` distinct
+    items on which the latent is highest (fit rows, code > 0); each attribute whose one value holds for at least
+    `purity` of them enters the concept, so a concept may be one value ("drama") or a conjunction ("premium
+    drama"); an empty dict: no concept. item_values: attribute -> (n_items,) value index."""
+    out = []
+    for u in range(fit_codes.shape[1]):
+        seen: list[int] = []
+        for i in np.argsort(-fit_codes[:, u], kind="stable"):
+            if fit_codes[i, u] <= 0 or len(seen) == top:
+                break
+            if fit_items[i] not in seen:
+                seen.append(int(fit_items[i]))
+        concept = {}
+        for attr, values in item_values.items():
+            counts = np.bincount(values[seen]) if seen else np.zeros(1, int)
+            if seen and counts.max() >= purity * len(seen):
+                concept[attr] = int(counts.argmax())
+        out.append(concept)
+    return out
+
+
+def concept_scores(codes: np.ndarray, items: np.ndarray, item_values: dict[str, np.ndarray],
+                   concepts: list[dict[str, int]]) -> list[dict[str, Any]]:
+    """Each latent with a concept: precision/recall (fires when > 0) against its own concept on these rows."""
+    out = []
+    for u, concept in enumerate(concepts):
+        if concept:
+            holds = np.logical_and.reduce([item_values[a][items] == v for a, v in concept.items()])
+            p, r = precision_recall(codes[:, [u]] > 0, holds)
+            out.append({"latent": u, "concept": concept, "precision": round(float(p[0]), 4),
+                        "recall": round(float(r[0]), 4)})
+    return out
+
+
+def union_scores(codes: np.ndarray, concepts: list[dict[str, int]], test_concepts: dict[str, np.ndarray],
+                 names: dict[str, tuple[str, int]]) -> dict[str, dict[str, Any]]:
+    """Per attribute value, the latents whose concept includes it taken together (any of them > 0): an SAE that
+    splits a value across several latents still carries it, just not in one latent."""
+    out = {}
+    for name, (attr, v) in names.items():
+        group = [u for u, c in enumerate(concepts) if c.get(attr) == v]
+        p, r = precision_recall((codes[:, group] > 0).any(1, keepdims=True), test_concepts[name])
+        out[name] = {"latents": group, "precision": round(float(p[0]), 4), "recall": round(float(r[0]), 4)}
+    return out
+
+
 def passing(best: dict[str, dict[str, Any]], bar: float = 0.8) -> int:
     return sum(v["precision"] > bar and v["recall"] > bar for v in best.values())
 
@@ -132,6 +180,11 @@ def run_recommender_demo(out: str | Path, n_users: int = 3000, seed: int = 0, sa
     sae_raw = {k: chosen_on_fit(codes[:half] > 0, codes[half:] > 0, fit_c[k], test_c[k]) for k in attrs}
     sae_tuned = score_units(codes[:half], codes[half:], fit_c, test_c, both_signs=False)
     neurons = score_units(hn[:half], hn[half:], fit_c, test_c, both_signs=True)
+    values = {"genre": cat.genre, "price": cat.price}
+    concepts = latent_concepts(codes[:half], items[:half], values)
+    names = {f"genre={g}": ("genre", i) for i, g in enumerate(GENRES)}
+    names.update({f"price={p}": ("price", i) for i, p in enumerate(PRICES)})
+    own = concept_scores(codes[half:], items[half:], values, concepts)
     return {"hit_rate_at_10": round(hit_rate(model, held), 4), "chance_hit_rate_at_10": round(10 / cat.n_items, 4),
             "sae": {"units": sae_units, "k": sae_k, "steps": sae_steps, "held_out_fvu": round(fvu, 4),
                     "dead_latents": int(((codes > 0).sum(0) == 0).sum()),
@@ -140,6 +193,10 @@ def run_recommender_demo(out: str | Path, n_users: int = 3000, seed: int = 0, sa
             "base_rates": {k: round(float(v.mean()), 4) for k, v in test_c.items()},
             "sae_latents": sae_raw, "sae_latents_tuned": sae_tuned, "neurons": neurons,
             "latent_mix": latent_mix(codes, cat.genre[items], cat.price[items]),
+            "latent_concepts": own, "latents_above_0.8_for_their_concept": passing({str(i): v for i, v in
+                                                                                   enumerate(own)}),
+            "sae_latent_unions": (unions := union_scores(codes[half:], concepts, test_c, names)),
             "attributes": len(attrs), "attributes_with_a_latent_above_0.8": passing(sae_raw),
             "attributes_with_a_tuned_latent_above_0.8": passing(sae_tuned),
-            "attributes_with_a_neuron_above_0.8": passing(neurons)}
+            "attributes_with_a_neuron_above_0.8": passing(neurons),
+            "attributes_with_a_latent_union_above_0.8": passing(unions)}
