@@ -134,3 +134,18 @@ def test_demo_small(tmp_path):
     mix = r["latent_mix"]
     assert len(mix) == 8 and all(abs(sum(m["genre"].values()) - 1) < 0.01 for m in mix if m["fires"] > 0)
     assert [m["fires"] for m in mix] == [round(float(v), 4) for v in (codes > 0).mean(0)]
+
+
+def test_cli_refuses_bad_input_in_one_sentence(tmp_path, capsys):
+    from unitscope.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    cases = [(["--demo", "--out", str(afile)], "is a file"), (["--demo", "--k", "9", "--out", str(tmp_path / "o")],
+                                                               "larger than --units 8"),
+             (["--out", str(tmp_path / "o")], "pass --demo")]
+    for argv, words in cases:
+        assert main(["recommender", *argv]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err
+    assert afile.read_text() == "keep me" and not (tmp_path / "o").exists()

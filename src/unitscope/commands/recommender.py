@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from ..errors import UnitscopeError
 from . import options
@@ -24,6 +25,8 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.demo:
         raise UnitscopeError("recommender runs the offline demo only for now; pass --demo")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UnitscopeError(f"--out {args.out} is a file; give a directory (it is created if missing)")
     if args.k > args.units:
         raise UnitscopeError(f"--k {args.k} is larger than --units {args.units}; use k <= units")
     import torch
