@@ -232,11 +232,13 @@ def summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def paired_differences(rows: Sequence[Mapping[str, Any]], key: str = "presence") -> list[dict[str, Any]]:
     """At each target KL, the best dictionary by mean `key` against each other one: the mean and standard error
-    of the difference over the (concept, prompt, seed) draws both have (the same seeds for every kind)."""
+    of the difference over the (concept, prompt, seed) draws both have (the same seeds for every kind). Rows of
+    runs with different seeds may be pooled: draws are matched by concept and run seed."""
     by: dict[tuple, dict] = {}
     for r in rows:
         if r["error"] is None and r["kind"] != UNSTEERED:
-            by.setdefault((r["target_kl"], r["dictionary"]), {})[r["concept"]] = r.get(f"{key}_each") or []
+            by.setdefault((r["target_kl"], r["dictionary"]), {})[(r["concept"], r.get("seed"))] = \
+                r.get(f"{key}_each") or []
     out = []
     for target in sorted({t for t, _ in by}):
         names = [d for t, d in by if t == target]
