@@ -119,3 +119,112 @@ def test_a_recording_killed_while_uploading_leaves_a_readable_store_and_resumes(
     assert Store.open(url).manifest == ref
     names = {p.rsplit("/", 1)[-1] for p in fs.ls("bucket/killed/shards")}
     assert names == {e["file"][7:] for e in ref["shards"]}  # no orphan left from a shard the kill cut off
+
+
+# ---- dictionaries on S3 ----------------------------------------------------------------------------------------
+
+TRAIN = ["--units", "64", "--batch-size", "128", "--train-tokens", "2560", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("small") / "store"
+    assert main(["record", "--model", str(tiny_model_dir), *ARGS, "--tokens", "3000", "--out", str(out)]) == 0
+    return out
+
+
+def _same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dictionaries_trained_to_s3_are_the_local_ones_and_eval_and_explain_read_them(tmp_path, small_store, s3):
+    fs, _ = s3
+    train = ["train", "--store", str(small_store), *TRAIN]
+    # a sweep (two dictionaries under one URL) and a fitted kind, each to a local folder and to s3
+    for out in (str(tmp_path / "local"), "s3://bucket/dicts"):
+        assert main([*train, "--k", "2", "4", "--out", out]) == 0
+        assert main(["train", "--store", str(small_store), "--architecture", "pca", "--units", "8",
+                     "--out", f"{out}/pca", "--quiet"]) == 0
+    for did in ("topk-64-k2", "topk-64-k4", "pca"):
+        for name in ("cfg.json", "sae_weights.safetensors"):  # the objects are the local files, byte for byte
+            assert fs.cat_file(f"bucket/dicts/{did}/{name}") == (tmp_path / "local" / did / name).read_bytes()
+        remote = json.loads(fs.cat_file(f"bucket/dicts/{did}/train.json")) if did != "pca" else None
+        if remote is not None:
+            assert remote["steps"] == 20 and remote["config"]["k"] == int(did[-1])
+        assert not list((tmp_path / "local").glob(f".{did}.checkpoint"))  # none left behind
+    # eval and explain take the dictionary from s3 and give what they give for the local copy
+    store = str(small_store)
+    for tag, d in (("local", str(tmp_path / "local" / "topk-64-k4")), ("s3", "s3://bucket/dicts/topk-64-k4")):
+        assert main(["eval", "--dictionary", d, "--store", store, "--eval-tokens", "256",
+                     "--out", str(tmp_path / f"{tag}.json"), "--quiet"]) == 0
+        assert main(["explain", "--dictionary", d, "--store", store, "--top", "5",
+                     "--out", str(tmp_path / f"x-{tag}"), "--quiet"]) == 0
+    e1, e2 = (json.loads((tmp_path / f"{t}.json").read_text())["eval_result_metrics"] for t in ("local", "s3"))
+    assert e1 == e2 and e1["reconstruction_quality"]["fvu"] < 1
+    for n in ("units", "examples"):
+        assert pq.read_table(tmp_path / "x-s3" / f"{n}.parquet").to_pylist() == \
+            pq.read_table(tmp_path / "x-local" / f"{n}.parquet").to_pylist()
+    # a URL with no dictionary is one sentence, exit 2
+    assert main(["eval", "--dictionary", "s3://bucket/dicts/none", "--store", store, "--eval-tokens", "256",
+                 "--out", str(tmp_path / "none.json"), "--quiet"]) == 2
+
+
+def _weights_of(d):
+    return {k: v.clone() for k, v in d.state_dict().items()}
+
+
+def test_a_reader_never_sees_half_a_dictionary_on_s3(s3, monkeypatch):
+    """At every object operation of a save over an older dictionary, a reader gets the old one, the new one or a
+    refusal; a save that lands between a reader's reads of cfg.json makes it read again, never mix the two."""
+    from unitscope.dictionaries import load_dictionary
+    from unitscope.dictionaries.sae import TopKSAE
+    from unitscope.errors import UnitscopeError
+
+    fs, _ = s3
+    torch.manual_seed(0)
+    old, new = TopKSAE(16, 32, k=2), TopKSAE(16, 32, k=3)  # other weights and another cfg.json
+    old.metadata["hook_name"] = new.metadata["hook_name"] = "blocks.0.resid_post"
+    url = "s3://bucket/swap"
+    old.save(url, extra={"train.json": {"old": True}})
+    seen = []
+
+    def read():
+        try:
+            d = load_dictionary(url)
+        except UnitscopeError as e:
+            return "refused: " + str(e)
+        w = _weights_of(d)
+        for tag, ref in (("old", old), ("new", new)):
+            if d.k == ref.k and _same_weights(w, _weights_of(ref)):
+                return tag
+        return "mixed"
+
+    def watched(method):
+        real = getattr(fs, method)
+
+        def op(*a, **kw):
+            seen.append(read())
+            return real(*a, **kw)
+        return op
+
+    with monkeypatch.context() as m:
+        for method in ("put_file", "rm_file"):
+            m.setattr(fs, method, watched(method))
+        new.save(url)
+    seen.append(read())
+    assert "mixed" not in seen and seen[0] == "old" and seen[-1] == "new", seen
+    assert any(s.startswith("refused: 's3://bucket/swap' is not a dictionary directory") for s in seen), seen
+    assert not fs.exists("bucket/swap/train.json")  # the old dictionary's files are gone with it
+    # a save that completes while a reader fetches: the reader's second look at cfg.json sees it and reads again
+    import unitscope.fs as ufs
+
+    real_fetch, calls = ufs._fetch_all, []
+
+    def fetch_during_save(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            old.save(url)
+        return real_fetch(*a, **kw)
+
+    monkeypatch.setattr(ufs, "_fetch_all", fetch_during_save)
+    assert read() == "old" and len(calls) == 2  # (it started with the new cfg.json: the retry gives the old)

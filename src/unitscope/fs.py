@@ -99,3 +99,75 @@ def object_sha256(fs, path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# ---- directories of whole objects (dictionaries) ---------------------------------------------------------------
+# A dictionary is a few objects of which one (`cfg.json`) says the directory holds one. Written: that object is
+# deleted first, objects the new copy lacks next, the other objects put, and it last; so while a save runs the
+# URL holds no dictionary (a reader is refused, never handed a mix). Read: it is fetched, then the others, then it
+# again: unchanged, every object read belongs with it (a save that overlapped the read deleted it before putting
+# anything), else the read starts over.
+
+def put_dir(local: Path, url: str, last: str) -> None:
+    """Upload the files of the local folder `local` to `url`, `last` after every other (see above)."""
+    fs, root = filesystem(url)
+    names = sorted(p.name for p in Path(local).iterdir() if p.is_file())
+    if last not in names:
+        raise ValueError(f"{last!r} is not in {str(local)!r}")
+    if fs.exists(f"{root}/{last}"):
+        fs.rm_file(f"{root}/{last}")
+    fs.invalidate_cache(root)
+    try:
+        old = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+    except FileNotFoundError:
+        old = []
+    for name in sorted(set(old) - set(names)):
+        if fs.isfile(f"{root}/{name}"):
+            fs.rm_file(f"{root}/{name}")
+    for name in [n for n in names if n != last] + [last]:
+        fs.put_file(str(Path(local) / name), f"{root}/{name}")
+
+
+def get_dir(url: str, last: str, what: str = "directory", tries: int = 5) -> Path:
+    """A local copy of the objects at `url` (in its mirror folder), all from the one save that wrote `last`."""
+    import time
+
+    from .atomic import replace_dir
+
+    fs, root = filesystem(url)
+    for attempt in range(tries):
+        try:
+            first = fs.cat_file(f"{root}/{last}")
+        except FileNotFoundError:
+            raise UnitscopeError(f"{url!r} is not a {what}: it has no {last} (or a save there has not "
+                                 "finished)") from None
+        try:
+            with replace_dir(mirror_dir(url)) as tmp:
+                _fetch_all(fs, root, last, first, tmp)
+            return mirror_dir(url)
+        except _Changed:
+            time.sleep(0.2 * (attempt + 1))
+    raise UnitscopeError(f"{url!r} changed on every one of {tries} reads (a save there is under way); read it "
+                         "again when the save has finished")
+
+
+class _Changed(Exception):
+    """The object written last changed while the others were read."""
+
+
+def _fetch_all(fs, root: str, last: str, first: bytes, tmp: Path) -> None:
+    fs.invalidate_cache(root)  # another process may have saved since this one last listed it
+    for path in fs.ls(root, detail=False):
+        name = path.rsplit("/", 1)[-1]
+        if name != last and fs.isfile(path):
+            try:
+                fs.get_file(path, str(tmp / name))
+            except FileNotFoundError:
+                pass  # removed by a save that began meanwhile: the check below sees it
+    (tmp / last).write_bytes(first)
+    try:
+        again = fs.cat_file(f"{root}/{last}")
+    except FileNotFoundError:
+        again = None
+    if again != first:
+        raise _Changed

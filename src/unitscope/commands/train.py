@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import UnitscopeError
+from ..fs import filesystem, is_url, read_json
 from . import inputs, options
 
 
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from ..dictionaries.train import Trainer, checkpoint_dir, is_transcoder, train, train_together
     from ..store import Store
 
-    out = options.output_dir(args.out)
+    out = args.out if is_url(args.out) else options.output_dir(args.out)  # a URL: any fsspec file system
     cfgs = options.train_configs(args)
     apply_kind_options(args, cfgs)
     for c in cfgs:  # the fitted kinds' options (--snmf-*) are refused for every other kind, SAEs included
@@ -154,14 +155,16 @@ def run(args: argparse.Namespace) -> int:
             raise UnitscopeError("transcoders train one at a time")
         site = args.site or store.sites[0]
         store.width(site)
-        outs = [out / options.dictionary_id(c) for c in cfgs]
+        outs = [f"{out.rstrip('/')}/{options.dictionary_id(c)}" if is_url(out) else out / options.dictionary_id(c)
+                for c in cfgs]
         if args.overwrite:
             for o in outs:
                 shutil.rmtree(checkpoint_dir(o), ignore_errors=True)
         train_together([Trainer(store, site, c, o, progress=False) for c, o in zip(cfgs, outs)],
                        progress=not args.quiet)
     for o in outs:
-        summary = json.loads((Path(o) / "train.json").read_text())
+        summary = read_json(*filesystem(f"{o}/train.json")) if is_url(o) else \
+            json.loads((Path(o) / "train.json").read_text())
         print(f"dictionary {o}: {summary['config']['architecture']}, {summary['config']['n_units']} units; "
               f"{summary['tokens']} tokens in {summary['seconds']} s ({summary['tokens_per_s']} tokens/s)")
     return 0

@@ -7,6 +7,7 @@ and hook names) and `sae_weights.safetensors`. Never pickle: weights are safeten
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,6 +18,7 @@ from torch import nn
 
 from ..atomic import recover, replace_dir
 from ..errors import UnitscopeError
+from ..fs import get_dir, is_url, put_dir
 
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
@@ -113,14 +115,24 @@ class Dictionary(nn.Module):
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write cfg.json, sae_weights.safetensors and the JSON files in `extra` (name -> object) so that a
-        kill at any moment leaves a complete old or new dictionary (`atomic.replace_dir`)."""
+        kill at any moment leaves a complete old or new dictionary (`atomic.replace_dir`). At a URL (s3://...) the
+        files are written locally, then uploaded with cfg.json last (`fs.put_dir`): while the upload runs the URL
+        holds no dictionary, never a mix of two."""
+        if is_url(path):
+            with tempfile.TemporaryDirectory(prefix="unitscope-dictionary-") as tmp:
+                self._write_files(Path(tmp), extra)
+                put_dir(Path(tmp), str(path), CFG)
+            return path
         path = Path(path)
         with replace_dir(path) as tmp:
-            save_file({k: v.contiguous().cpu() for k, v in self.weights().items()}, str(tmp / WEIGHTS))
-            for name, obj in (extra or {}).items():
-                (tmp / name).write_text(json.dumps(obj, indent=2))
-            (tmp / CFG).write_text(json.dumps(self.config(), indent=2))
+            self._write_files(tmp, extra)
         return path
+
+    def _write_files(self, folder: Path, extra: dict[str, Any] | None) -> None:
+        save_file({k: v.contiguous().cpu() for k, v in self.weights().items()}, str(folder / WEIGHTS))
+        for name, obj in (extra or {}).items():
+            (folder / name).write_text(json.dumps(obj, indent=2))
+        (folder / CFG).write_text(json.dumps(self.config(), indent=2))
 
 
 def require_weights(cfg: dict[str, Any], weights: dict[str, torch.Tensor], *keys: str) -> None:
@@ -132,7 +144,14 @@ def require_weights(cfg: dict[str, Any], weights: dict[str, torch.Tensor], *keys
 
 def load_dictionary(path: str | Path, device: str = "cpu") -> Dictionary:
     """Load any saved dictionary: the SAELens layout (cfg.json + sae_weights.safetensors, every kind here),
-    or another library's layout registered in FORMATS (sparsify: cfg.json + sae.safetensors)."""
+    or another library's layout registered in FORMATS (sparsify: cfg.json + sae.safetensors). A URL (s3://...) is
+    read into a local mirror, every file from the one save that wrote its cfg.json (`fs.get_dir`)."""
+    if is_url(path):
+        local = get_dir(str(path), CFG, what="dictionary directory")
+        try:
+            return load_dictionary(local, device)
+        except UnitscopeError as e:  # name the URL the user gave, not the mirror
+            raise UnitscopeError(str(e).replace(str(local.absolute()), str(path))) from None
     path = recover(path)
     for recognise, load in FORMATS:
         if recognise(path):

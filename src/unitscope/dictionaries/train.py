@@ -13,6 +13,7 @@ single-process gradient and every rank keeps the same weights; rank 0 alone writ
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import math
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..atomic import fsync, write_json_atomic
 from ..errors import UnitscopeError
+from ..fs import cache_root, is_url
 from ..store import Store, part_bounds
 from .base import ARCHITECTURES, Dictionary
 from .sae import SparseAutoencoder
@@ -43,7 +45,11 @@ DATA_PARALLEL_KINDS = ("topk", "matryoshka_topk", "topk_transcoder", "topk_skip_
 
 
 def checkpoint_dir(out: str | Path) -> Path:
-    """Where the checkpoints of the dictionary that will be saved at `out` live (beside it, hidden)."""
+    """Where the checkpoints of the dictionary that will be saved at `out` live (beside it, hidden; for a URL,
+    s3://..., in unitscope's local cache: a kill resumes on this machine, and only the finished dictionary is
+    uploaded)."""
+    if is_url(out):
+        return cache_root().parent / CKPT / hashlib.sha256(str(out).rstrip("/").encode()).hexdigest()[:24]
     out = Path(out)
     return out.with_name(f".{out.name}.{CKPT}")
 
@@ -163,7 +169,8 @@ class Trainer:
                 f"data-parallel training (torchrun) takes {', '.join(DATA_PARALLEL_KINDS)} without resampling, not "
                 f"{cfg.architecture!r}" + (f" with resample_every={cfg.resample_every}" if cfg.resample_every else "")
                 + "; run it as one process")
-        self.site, self.cfg, self.out, self.progress = site, cfg, Path(out), progress
+        self.site, self.cfg, self.progress = site, cfg, progress
+        self.out = out if is_url(out) else Path(out)
         self.target_site = target_site
         self.device = distributed.local_device(cfg.device)
         self.source = (StoreSource(store, site, target_site, cfg.batch_size, cfg.seed) if isinstance(store, Store)
@@ -500,7 +507,7 @@ def train(store: Store | str | Path, site: str | None, cfg: TrainConfig, out: st
         store.width(target_site)
     site = site or store.sites[0]
     store.width(site)
-    out = Path(out)
+    out = out if is_url(out) else Path(out)
     distributed.init(cfg.device)
     if overwrite and distributed.is_main():
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
@@ -522,7 +529,7 @@ def _logger(cfg: TrainConfig, out: Path):
         mod = __import__(cfg.log_to)
     except ImportError:
         raise UnitscopeError(f"--log-to {cfg.log_to} needs the package: pip install {cfg.log_to}") from None
-    mod.init(project="unitscope", name=out.name, config=asdict(cfg))
+    mod.init(project="unitscope", name=str(out).rstrip("/").rsplit("/", 1)[-1], config=asdict(cfg))
     return lambda rec: mod.log(rec)
 
 
