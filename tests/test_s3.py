@@ -19,7 +19,9 @@ import moto.server as moto_server  # moto[server] and s3fs are in the test extra
 import pyarrow.parquet as pq
 import pytest
 import s3fs
+import safetensors.torch
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file
 
 from unitscope.cli import main
@@ -228,3 +230,31 @@ def test_a_reader_never_sees_half_a_dictionary_on_s3(s3, monkeypatch):
 
     monkeypatch.setattr(ufs, "_fetch_all", fetch_during_save)
     assert read() == "old" and len(calls) == 2  # (it started with the new cfg.json: the retry gives the old)
+
+
+def test_training_to_s3_killed_mid_run_resumes_from_its_local_checkpoint_to_the_uninterrupted_weights(
+        tmp_path, small_store, s3):
+    fs, env = s3
+    env = {**env, "UNITSCOPE_CACHE": str(tmp_path / "cache")}  # where the subprocess keeps its checkpoints
+    args = ["train", "--store", small_store, "--units", "64", "--k", "4", "--batch-size", "64", "--train-tokens",
+            "25600", "--checkpoint-every", "20", "--quiet"]
+    assert run_cli(*args, "--out", tmp_path / "ref").returncode == 0
+    url = "s3://bucket/killed-sae"
+    proc = subprocess.Popen([sys.executable, "-m", "unitscope", *map(str, args), "--out", url],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
+    ckpts = tmp_path / "cache" / "remote"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(ckpts.glob("*.checkpoint/000000040.json")):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not fs.exists("bucket/killed-sae/cfg.json")  # killed mid-training: no dictionary on s3 yet
+    steps = [int(p.stem) for p in ckpts.glob("*.checkpoint/*.json") if p.stem.isdigit()]
+    assert steps and max(steps) < 400
+    p = run_cli(*args, "--out", url, env=env)
+    assert p.returncode == 0, p.stderr
+    s3_weights = safetensors.torch.load(fs.cat_file("bucket/killed-sae/sae_weights.safetensors"))
+    assert _same_weights(s3_weights, load_file(str(tmp_path / "ref" / "sae_weights.safetensors")))
+    assert json.loads(fs.cat_file("bucket/killed-sae/train.json"))["steps"] == 400
+    assert not list(ckpts.glob("*.checkpoint"))  # the checkpoints go once the dictionary is uploaded

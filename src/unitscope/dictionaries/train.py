@@ -13,7 +13,6 @@ single-process gradient and every rank keeps the same weights; rank 0 alone writ
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import math
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..atomic import fsync, write_json_atomic
 from ..errors import UnitscopeError
-from ..fs import cache_root, is_url
+from ..fs import is_url, mirror_dir
 from ..store import Store, part_bounds
 from .base import ARCHITECTURES, Dictionary
 from .sae import SparseAutoencoder
@@ -49,7 +48,8 @@ def checkpoint_dir(out: str | Path) -> Path:
     s3://..., in unitscope's local cache: a kill resumes on this machine, and only the finished dictionary is
     uploaded)."""
     if is_url(out):
-        return cache_root().parent / CKPT / hashlib.sha256(str(out).rstrip("/").encode()).hexdigest()[:24]
+        mirror = mirror_dir(str(out))
+        return mirror.with_name(f"{mirror.name}.{CKPT}")
     out = Path(out)
     return out.with_name(f".{out.name}.{CKPT}")
 
