@@ -166,7 +166,8 @@ def test_dictionaries_trained_to_s3_are_the_local_ones_and_eval_and_explain_read
     for n in ("units", "examples"):
         assert pq.read_table(tmp_path / "x-s3" / f"{n}.parquet").to_pylist() == \
             pq.read_table(tmp_path / "x-local" / f"{n}.parquet").to_pylist()
-    # a URL with no dictionary is one sentence, exit 2
+    # an unknown file system is refused before any training; a URL with no dictionary is one sentence, exit 2
+    assert main([*train, "--out", "nope://bucket/d"]) == 2
     assert main(["eval", "--dictionary", "s3://bucket/dicts/none", "--store", store, "--eval-tokens", "256",
                  "--out", str(tmp_path / "none.json"), "--quiet"]) == 2
 

@@ -101,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
     from ..dictionaries.train import Trainer, checkpoint_dir, is_transcoder, train, train_together
     from ..store import Store
 
-    out = args.out if is_url(args.out) else options.output_dir(args.out)  # a URL: any fsspec file system
+    if is_url(args.out):  # any fsspec file system: its backend is checked before any training
+        filesystem(args.out)
+    out = args.out if is_url(args.out) else options.output_dir(args.out)
     cfgs = options.train_configs(args)
     apply_kind_options(args, cfgs)
     for c in cfgs:  # the fitted kinds' options (--snmf-*) are refused for every other kind, SAEs included
