@@ -128,23 +128,26 @@ def put_dir(local: Path, url: str, last: str) -> None:
         fs.put_file(str(Path(local) / name), f"{root}/{name}")
 
 
-def get_dir(url: str, last: str, what: str = "directory", tries: int = 5) -> Path:
-    """A local copy of the objects at `url` (in its mirror folder), all from the one save that wrote `last`."""
+def get_dir(url: str, last: str, into: Path, what: str = "directory", tries: int = 5) -> Path:
+    """Download the objects at `url` into the empty local folder `into`, all from the one save that wrote `last`.
+
+    A folder of the caller's (not a shared mirror): two processes reading the same URL never touch each other's
+    files."""
     import time
 
-    from .atomic import replace_dir
-
     fs, root = filesystem(url)
+    into = Path(into)
     for attempt in range(tries):
         try:
             first = fs.cat_file(f"{root}/{last}")
         except FileNotFoundError:
             raise UnitscopeError(f"{url!r} is not a {what}: it has no {last} (or a save there has not "
                                  "finished)") from None
+        for stale in into.iterdir():  # a read that a save overlapped
+            stale.unlink()
         try:
-            with replace_dir(mirror_dir(url)) as tmp:
-                _fetch_all(fs, root, last, first, tmp)
-            return mirror_dir(url)
+            _fetch_all(fs, root, last, first, into)
+            return into
         except _Changed:
             time.sleep(0.2 * (attempt + 1))
     raise UnitscopeError(f"{url!r} changed on every one of {tries} reads (a save there is under way); read it "

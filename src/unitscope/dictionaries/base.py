@@ -113,7 +113,7 @@ class Dictionary(nn.Module):
             "metadata": self.metadata,
         }
 
-    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> str | Path:
         """Write cfg.json, sae_weights.safetensors and the JSON files in `extra` (name -> object) so that a
         kill at any moment leaves a complete old or new dictionary (`atomic.replace_dir`). At a URL (s3://...) the
         files are written locally, then uploaded with cfg.json last (`fs.put_dir`): while the upload runs the URL
@@ -145,13 +145,15 @@ def require_weights(cfg: dict[str, Any], weights: dict[str, torch.Tensor], *keys
 def load_dictionary(path: str | Path, device: str = "cpu") -> Dictionary:
     """Load any saved dictionary: the SAELens layout (cfg.json + sae_weights.safetensors, every kind here),
     or another library's layout registered in FORMATS (sparsify: cfg.json + sae.safetensors). A URL (s3://...) is
-    read into a local mirror, every file from the one save that wrote its cfg.json (`fs.get_dir`)."""
+    downloaded into a private temporary folder, every file from the one save that wrote its cfg.json
+    (`fs.get_dir`), and loaded from there (the tensors are read into memory; the folder is then removed)."""
     if is_url(path):
-        local = get_dir(str(path), CFG, what="dictionary directory")
-        try:
-            return load_dictionary(local, device)
-        except UnitscopeError as e:  # name the URL the user gave, not the mirror
-            raise UnitscopeError(str(e).replace(str(local.absolute()), str(path))) from None
+        with tempfile.TemporaryDirectory(prefix="unitscope-dictionary-", ignore_cleanup_errors=True) as tmp:
+            local = get_dir(str(path), CFG, Path(tmp), what="dictionary directory").absolute()
+            try:
+                return load_dictionary(local, device)
+            except UnitscopeError as e:  # name the URL the user gave, not the temporary folder
+                raise UnitscopeError(str(e).replace(str(local), str(path).rstrip("/"))) from None
     path = recover(path)
     for recognise, load in FORMATS:
         if recognise(path):
