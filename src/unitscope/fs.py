@@ -1,10 +1,10 @@
-"""Stores on any fsspec file system (s3://, gs://, memory://, ...): whole objects, a local mirror for reading.
+"""Stores and dictionaries on any fsspec file system (s3://, gs://, memory://, ...): whole objects, read locally.
 
 An object store has no rename and no partial object: a PUT lands whole or not at all. So a remote store is
 written object by object, shards first and the manifest last (a reader that sees a manifest sees every shard it
 lists), and read by downloading each shard once into a local mirror (`remote/` in unitscope's cache
 folder, `~/.cache/unitscope/remote/` by default), checked against the manifest's SHA-256 and then memory-mapped
-like a local one.
+like a local one. A dictionary is written with its cfg.json last and read all from one save (`put_dir`, `get_dir`).
 Local paths never come here: they keep the rename-based writes of `atomic.py`.
 """
 
