@@ -165,13 +165,24 @@ def test_cli_refusals_and_a_model_file(tmp_path):
     r = cli("--model", f"{tmp_path / 'm.py'}:model", *base)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "dissection.parquet").is_file()
+    # the page (written by dissect, rewritten by `unitscope report OUT`) shows each unit's best concept and IoU
+    (tmp_path / "out" / "report" / "index.html").unlink()
+    r = subprocess.run([sys.executable, "-m", "unitscope", "report", str(tmp_path / "out")], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    html = (tmp_path / "out" / "report" / "index.html").read_text()
+    import pyarrow.parquet as pq
+
+    for row in pq.read_table(tmp_path / "out" / "dissection.parquet").to_pylist():
+        if row["rank"] == 1:
+            assert f"<tr><td>{row['unit']}</td><td>{row['concept']}</td><td>{row['iou']:.4g}</td>" in html
 
 
 # ---- GAN dissection -------------------------------------------------------------------------------------------
 
 
-def test_gan_edit_is_the_formula_and_iqr_equals_brute_force():
-    from unitscope.dissect.gan import edit_units, iqr_thresholds, layer_maps
+def test_gan_edit_is_the_formula():
+    from unitscope.dissect.gan import edit_units, layer_maps
 
     torch.manual_seed(0)
     gen = nn.Sequential(nn.Linear(4, 3 * 4 * 4), nn.Unflatten(1, (3, 4, 4)), nn.ReLU(), nn.Conv2d(3, 3, 1))
@@ -186,27 +197,116 @@ def test_gan_edit_is_the_formula_and_iqr_equals_brute_force():
     edited = torch.stack([(1 - alpha[c] * p) * r[:, c] + alpha[c] * p * k[c] for c in range(3)], 1)
     assert torch.allclose(out, gen[3](edited), atol=1e-6)
 
-    maps = torch.rand(6, 2, 4, 4, generator=torch.Generator().manual_seed(1))
-    seg = torch.zeros(6, 4, 4, dtype=torch.bool)
-    seg[:, :2, :2] = True
-    maps[:, 0][seg] += 0.7  # unit 0 follows the concept
+
+def brute_iqr(v: np.ndarray, s: np.ndarray, quantiles: np.ndarray) -> tuple[float, float]:
+    """(threshold, IQR) by trying every candidate: I(M;S)/H(M,S) of the 2x2 joint, thresholds on > half skipped."""
+    best, best_t = -np.inf, math.nan
+    for t in np.quantile(v, quantiles):
+        m = v > t
+        if m.mean() > 0.5:
+            continue
+        joint = np.array([[np.mean(m & s), np.mean(m & ~s)], [np.mean(~m & s), np.mean(~m & ~s)]])
+        pm, ps = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
+        nz = joint > 0
+        mi = (joint[nz] * np.log(joint[nz] / (pm @ ps)[nz])).sum()
+        r = mi / -(joint[nz] * np.log(joint[nz])).sum()
+        if r > best:
+            best, best_t = r, t
+    return best_t, best
+
+
+def test_gan_iqr_upsamples_and_equals_brute_force():
+    """4x4 maps upsampled to 16x16 masks (numpy bilinear by hand): the chosen threshold and the IQR equal a search
+    over every candidate; a unit with no usable threshold is NaN, not index 0 with score -1."""
+    from unitscope.dissect.gan import iqr_thresholds
+
+    g = torch.Generator().manual_seed(1)
+    maps = torch.rand(6, 3, 4, 4, generator=g)
+    seg = torch.zeros(6, 16, 16, dtype=torch.bool)
+    seg[:, :8, :8] = True
+    maps[:, 0, :2, :2] += 0.7  # unit 0 follows the concept
+    maps[:, 2, 2:, 2:] += 0.5  # unit 2 follows its complement
     q = torch.linspace(0.5, 0.95, 10)
     th, score = iqr_thresholds(maps, seg, q)
-    for u in range(2):
-        v = maps[:, u].reshape(-1).numpy()
-        s = seg.reshape(-1).numpy()
-        best = -1.0
-        for t in np.quantile(v, q.numpy()):
-            m = v > t
-            if m.mean() > 0.5:
-                continue
-            joint = np.array([[np.mean(m & s), np.mean(m & ~s)], [np.mean(~m & s), np.mean(~m & ~s)]])
-            pm, ps = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
-            nz = joint > 0
-            mi = (joint[nz] * np.log(joint[nz] / (pm @ ps)[nz])).sum()
-            best = max(best, mi / -(joint[nz] * np.log(joint[nz])).sum())
-        assert abs(float(score[u]) - best) < 1e-5
+    up = bilinear_numpy(maps.numpy().astype(np.float64), 16)
+    s = seg.numpy().reshape(-1)
+    for u in range(3):
+        t, r = brute_iqr(up[:, u].reshape(-1), s, q.numpy())
+        assert abs(float(th[u]) - t) < 1e-5 and abs(float(score[u]) - r) < 1e-5, (u, th[u], t, score[u], r)
     assert score[0] > 0.3 and score[0] > 3 * score[1]  # the planted unit stands out
+    th, score = iqr_thresholds(maps, seg, torch.tensor([0.1, 0.3]))  # every candidate leaves units on > half
+    assert torch.isnan(th).all() and torch.isnan(score).all()
+
+
+class _Paint(nn.Module):
+    """A 'generator' whose layer `act` has 6 channels; the image's channel 1 is bright where channels 0 + 1 are."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6 * 4 * 4)
+        self.act = nn.ReLU()
+        self.out = nn.Conv2d(6, 3, 1)
+        with torch.no_grad():
+            self.out.weight.zero_()
+            self.out.bias.copy_(torch.tensor([0.0, -2.0, 0.0]))
+            self.out.weight[1, :2] = 4.0
+            self.out.weight[2, 2:] = 1.0
+
+    def forward(self, z):
+        return self.out(self.act(self.fc(z).reshape(len(z), 6, 4, 4)))
+
+
+def test_gan_search_finds_planted_units_and_restores_the_models():
+    """Concept 1 is drawn by channels 0 and 1 only: the soft-α search ranks them first; the caller's train modes
+    and requires_grad flags come back as they were, and no gradient is left on their parameters."""
+    from unitscope.dissect.gan import concept_fractions, edit_units, search_units
+
+    torch.manual_seed(0)
+    gen, seg = _Paint(), nn.Identity()
+    gen.train()
+    gen.out.weight.requires_grad_(False)
+    z = torch.randn(64, 4)
+    alpha = search_units(gen, seg, "act:output", 1, z, steps=60, batch_size=16)
+    assert set(alpha.argsort(descending=True)[:2].tolist()) == {0, 1}, alpha
+    assert gen.training and gen.act.training and gen.fc.weight.requires_grad and not gen.out.weight.requires_grad
+    assert all(p.grad is None for p in gen.parameters())
+    before = concept_fractions(seg, gen(z).detach(), 3)[1]
+    a = torch.zeros(6)
+    a[alpha.argsort(descending=True)[:2]] = 1
+    with edit_units(gen, "act:output", a), torch.no_grad():
+        after = concept_fractions(seg, gen(z), 3)[1]
+    assert before > 0.1 and after == 0
+
+
+def test_dissection_page_renders_gan_figures_escaped(tmp_path):
+    """The page lists each concept's figures and images (copied beside it); names from the file are escaped."""
+    from PIL import Image
+
+    from unitscope.report.dissection import is_dissection_dir, write_dissection_page
+
+    for name in ("fresh.png", "ablate_sky.png", "insert_sky.png", "units_sky.png"):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / name)
+    concept = {"units": [7, 3], "alpha": [0.99, 0.5], "iqr_of_units": [0.61, None],
+               "threshold_of_units": [1.25, None], "before": 0.0316, "ablation_after": {"sky": 0.0012},
+               "ablation_relative": 0.038, "others_relative_change": {"<b>grass</b>": -0.12},
+               "random_units_after": {"sky": 0.0322}, "insertion_region_before": 0.0,
+               "insertion_region_after": 0.474, "insertion_outside_before": 0.0421, "insertion_outside_after": 0.0409,
+               "images": {"ablate": "ablate_sky.png", "insert": "insert_sky.png", "units": "units_sky.png"}}
+    (tmp_path / "gan_dissection.json").write_text(json.dumps(
+        {"layer": "blocks.relu2:output", "top_n": 2, "fresh_latents": 200, "before": {"sky": 0.0316},
+         "images": {"fresh": "fresh.png"}, "concepts": {"sky": concept}, "not_drawn": {"water": 0.0003}}))
+    assert is_dissection_dir(tmp_path)
+    page = write_dissection_page(tmp_path)
+    html = page.read_text()
+    for text in ("0.0316", "0.0012", "0.474", "0.0409", "&lt;b&gt;grass&lt;/b&gt; -12%", "water 0.0003",
+                 'src="ablate_sky.png"', 'src="insert_sky.png"', 'src="units_sky.png"', 'src="fresh.png"',
+                 "none (on for over half"):
+        assert text in html, text
+    assert "<b>grass" not in html
+    assert sorted(p.name for p in page.parent.iterdir()) == ["ablate_sky.png", "fresh.png", "index.html",
+                                                             "insert_sky.png", "units_sky.png"]
+    with pytest.raises(UnitscopeError, match="holds no dissection output"):
+        write_dissection_page(tmp_path / "report")
 
 
 def test_gan_demo_refuses_weights_that_are_not_its_own(tmp_path):

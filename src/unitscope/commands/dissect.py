@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         from ..dissect.gan_demo import run_gan_demo
 
         print(json.dumps(run_gan_demo(args.out), indent=1))
-        print(f"written: {args.out}/gan_dissection.json and before/after PNGs")
+        print(f"written: {args.out}/gan_dissection.json and before/after PNGs; page: {_page(args.out)}")
         return 0
     if args.demo:
         from ..dissect.demo import run_demo
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         summary = run_demo(args.out)
         print(json.dumps(summary, indent=1))
         print(f"written: {args.out}/neurons/dissection.parquet, {args.out}/sae/dissection.parquet, "
-              f"{args.out}/summary.json")
+              f"{args.out}/summary.json; page: {_page(args.out)}")
         return 0
     missing = [f"--{n}" for n in ("model", "layer", "data") if getattr(args, n) is None]
     if missing:
@@ -65,5 +65,12 @@ def run(args: argparse.Namespace) -> int:
     s = result.summary
     print(f"{s['units']} units at {s['layer']}: {s['detectors']} detectors (best IoU > {s['detector_iou']}), "
           f"{s['unique_concepts']} unique concepts {s['detectors_by_concept']}")
-    print(f"table: {path}")
+    print(f"table: {path}; page: {_page(args.out)}")
     return 0
+
+
+def _page(out: str) -> str:
+    """OUT/report/index.html, the page `unitscope report OUT` also writes."""
+    from ..report.dissection import write_dissection_page
+
+    return str(write_dissection_page(out))

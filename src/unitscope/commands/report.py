@@ -19,6 +19,11 @@ def run(args: argparse.Namespace) -> int:
     from ..report.site import read_state
 
     root = Path(args.run)
+    from ..report.dissection import is_dissection_dir, write_dissection_page
+
+    if is_dissection_dir(root):  # the output of `unitscope dissect --out`: its own page
+        print(f"report: {write_dissection_page(root).resolve()}")
+        return 0
     stages = read_state(root)["stages"]
     for stage in ("eval", "explain"):
         status = stages.get(stage, {}).get("status")

@@ -9,11 +9,12 @@ proof by intervention.
   segmented (insertion).
 - Average causal effect: the change of the concept's segmented pixel fraction (in the region) under the edit.
 - Unit search: a soft α = sigmoid(θ) optimised so that ablation removes the concept (the segmenter's mean
-  probability of it, plus a penalty λ·Σα), then the top N units by α are kept.
+  probability of it where the unedited image shows it, plus a penalty λ·Σα), then the top N units by α are kept.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -61,7 +62,10 @@ def _iqr(on: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 def iqr_thresholds(maps: torch.Tensor, concept_mask: torch.Tensor,
                    quantiles: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per unit (threshold, IQR) maximising I(M;S)/H(M,S); maps (B, U, h, w), concept_mask (B, H, W) bool."""
+    """Per unit (threshold, IQR) maximising I(M;S)/H(M,S); maps (B, U, h, w), concept_mask (B, H, W) bool.
+
+    A unit whose every candidate threshold leaves it on for more than half the pixels has no usable threshold:
+    its threshold and IQR are NaN (not a detector of anything), never a made-up index or score."""
     if not concept_mask.any():
         raise UnitscopeError("the concept is segmented in none of the generated images; sample more latents or "
                              "pick a concept the generator draws")
@@ -74,7 +78,11 @@ def iqr_thresholds(maps: torch.Tensor, concept_mask: torch.Tensor,
         cands = torch.quantile(v[torch.randperm(len(v), generator=torch.Generator().manual_seed(u))[:200_000]], q)
         on = v[None, :] > cands[:, None]
         ok = on.float().mean(1) <= 0.5  # a unit on for more than half the pixels is not a detector
-        r = torch.where(ok, _iqr(on, s), torch.full((len(q),), -1.0, dtype=torch.float64))
+        if not ok.any():
+            ths.append(math.nan)
+            scores.append(math.nan)
+            continue
+        r = torch.where(ok, _iqr(on, s), torch.full((len(q),), -math.inf, dtype=torch.float64))
         best = int(r.argmax())
         ths.append(float(cands[best]))
         scores.append(float(r[best]))
@@ -91,9 +99,9 @@ def edit_units(generator: nn.Module, layer: str, alpha: torch.Tensor, k: torch.T
     def fn(r: torch.Tensor) -> torch.Tensor:
         if alpha.numel() != r.shape[1]:
             raise UnitscopeError(f"alpha has {alpha.numel()} entries but layer {layer!r} has {r.shape[1]} channels")
-        p = torch.ones(r.shape[2:], dtype=r.dtype) if region is None else region.to(r.dtype)
-        ap = alpha.to(r.dtype)[None, :, None, None] * p[None, None]
-        kk = torch.as_tensor(k, dtype=r.dtype)
+        p = torch.ones(r.shape[2:], dtype=r.dtype, device=r.device) if region is None else region.to(r)
+        ap = alpha.to(r)[None, :, None, None] * p[None, None]
+        kk = torch.as_tensor(k).to(r)
         kk = kk[None, :, None, None] if kk.dim() else kk
         return (1 - ap) * r + ap * kk
 
@@ -114,29 +122,49 @@ def concept_fractions(segmenter: nn.Module, images: torch.Tensor, n_classes: int
 
 
 def search_units(generator: nn.Module, segmenter: nn.Module, layer: str, concept: int, z: torch.Tensor,
-                 steps: int = 60, lam: float = 0.02, lr: float = 0.1, batch_size: int = 32, seed: int = 0
+                 steps: int = 100, lam: float = 0.01, lr: float = 0.1, batch_size: int = 32, seed: int = 0
                  ) -> torch.Tensor:
-    """A soft ablation α = sigmoid(θ) that removes `concept` (segmenter probability) at small Σα; returns α."""
-    maps, _ = layer_maps(generator, layer, z[:2])
-    theta = torch.full((maps.shape[1],), -3.0, requires_grad=True)
-    opt = torch.optim.Adam([theta], lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    for p in list(generator.parameters()) + list(segmenter.parameters()):
-        p.requires_grad_(False)
-    for _ in range(steps):
-        zb = z[torch.randint(len(z), (batch_size,), generator=g)]
-        alpha = torch.sigmoid(theta)
-        ref = sites.resolve_site(generator, layer)
-        handle = hooks.add_hook(generator, ref, lambda r, a=alpha: (1 - a[None, :, None, None]) * r)
-        try:
-            prob = segmenter(generator(zb)).softmax(1)[:, concept].mean()
-        finally:
-            handle.remove()
-        loss = prob + lam * alpha.sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return torch.sigmoid(theta).detach()
+    """A soft ablation α = sigmoid(θ) that removes `concept` at small Σα; returns α (C,).
+
+    The loss is the segmenter's mean probability of the concept over the pixels where the unedited image shows
+    it (the fraction of the concept that survives, ~1 before any ablation), plus λ·Σα. Averaging over all pixels
+    instead makes a concept covering 3% of them worth ~0.03, below the penalty of a single unit, and α collapses
+    to 0 for every unit. The caller's models keep their train/eval modes and requires_grad flags."""
+    params = list(generator.parameters()) + list(segmenter.parameters())
+    flags = [q.requires_grad for q in params]
+    modes = [(m, m.training) for m in (*generator.modules(), *segmenter.modules())]
+    ref = sites.resolve_site(generator, layer)
+    try:
+        generator.eval()
+        segmenter.eval()
+        for q in params:
+            q.requires_grad_(False)
+        maps, _ = layer_maps(generator, layer, z[:2])
+        theta = torch.full((maps.shape[1],), -3.0, device=maps.device, requires_grad=True)
+        opt = torch.optim.Adam([theta], lr=lr)
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            zb = z[torch.randint(len(z), (batch_size,), generator=g)].to(maps.device)
+            with torch.no_grad():
+                present = segmenter(generator(zb)).argmax(1) == concept
+            if not present.any():
+                continue
+            alpha = torch.sigmoid(theta)
+            handle = hooks.add_hook(generator, ref, lambda r, a=alpha: (1 - a.to(r)[None, :, None, None]) * r)
+            try:
+                prob = segmenter(generator(zb)).softmax(1)[:, concept][present].mean()
+            finally:
+                handle.remove()
+            loss = prob + lam * alpha.sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return torch.sigmoid(theta).detach()
+    finally:
+        for q, f in zip(params, flags):
+            q.requires_grad_(f)
+        for m, t in modes:
+            m.train(t)
 
 
 def mean_where_concept(maps: torch.Tensor, concept_mask: torch.Tensor) -> torch.Tensor:

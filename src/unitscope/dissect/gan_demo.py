@@ -1,7 +1,7 @@
 """`unitscope dissect --gan-demo`: GAN dissection on the drawn-scenes world. A generator (latent = scene
 parameters + noise) and a segmenter are trained (or reused from OUT), each concept's units at the generator's
 16×16 layer are scored by IQR and searched by soft ablation, then the top N are ablated on fresh latents and
-inserted into a region; before/after images are written as PNG grids."""
+inserted into a region; before/after images, and the top units' thresholded maps, are written as PNG grids."""
 
 from __future__ import annotations
 
@@ -44,7 +44,33 @@ def _grid(images: torch.Tensor, path: Path) -> None:
     tmp.replace(path)
 
 
-def run_gan_demo(out: str | Path, top_n: int = 8, concepts: tuple[int, ...] = (1, 2), seed: int = 0) -> dict[str, Any]:
+def _overlay(images: torch.Tensor, maps: torch.Tensor, thresholds: torch.Tensor, units: list[int],
+             path: Path, n: int = 6) -> None:
+    """One row per unit: sample images with the unit's upsampled map above its IQR threshold tinted red."""
+    from PIL import Image
+
+    size = tuple(images.shape[2:])
+    rows = []
+    for u in units:
+        up = torch.nn.functional.interpolate(maps[:n, u:u + 1], size=size, mode="bilinear", align_corners=False)
+        on = up[:, 0] > thresholds[u] if torch.isfinite(thresholds[u]) else torch.zeros_like(up[:, 0], dtype=bool)
+        img = images[:n].clamp(0, 1).permute(0, 2, 3, 1).clone()
+        img[on] = 0.4 * img[on] + 0.6 * torch.tensor([1.0, 0.0, 0.0])
+        rows.append(np.concatenate(list((img.numpy() * 255).astype(np.uint8)), 1))
+    tmp = path.with_name(path.name + ".tmp")
+    grid = np.concatenate(rows, 0)
+    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+def _fractions(names: list[str], f: torch.Tensor) -> dict[str, float]:
+    return dict(zip(names, f.numpy().round(4).tolist()))
+
+
+def run_gan_demo(out: str | Path, top_n: int = 8, concepts: tuple[int, ...] | None = None, seed: int = 0,
+                 generator_steps: int = 2500) -> dict[str, Any]:
+    """Dissect every concept the generator draws (all five by default); concepts it draws on under 0.2% of the
+    pixels of fresh images are listed under `not_drawn` with their fraction instead."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UnitscopeError(f"{str(out)!r} is an existing file; give a directory for the GAN dissection demo")
@@ -52,7 +78,8 @@ def run_gan_demo(out: str | Path, top_n: int = 8, concepts: tuple[int, ...] = (1
     torch.manual_seed(seed)
     z, images, masks = sample_latents(3000, 32, seed)
     seg = _trained(out / "segmenter.safetensors", Segmenter(), lambda: train_segmenter(images, masks, steps=300))
-    gen = _trained(out / "generator.safetensors", SceneGenerator(), lambda: train_generator(z, images, steps=600))
+    gen = _trained(out / f"generator{generator_steps}.safetensors", SceneGenerator(),
+                   lambda: train_generator(z, images, steps=generator_steps))
     z_fit, _, _ = sample_latents(400, 32, seed + 2)
     z_new, _, _ = sample_latents(200, 32, seed + 3)
     maps, fit_images = layer_maps(gen, GEN_LAYER, z_fit)
@@ -66,18 +93,29 @@ def run_gan_demo(out: str | Path, top_n: int = 8, concepts: tuple[int, ...] = (1
     pixel_region = torch.nn.functional.interpolate(region[None, None].float(), size=(32, 32))[0, 0].bool()
     _grid(new_images, out / "fresh.png")
     result: dict[str, Any] = {"layer": GEN_LAYER, "top_n": top_n, "fresh_latents": len(z_new),
-                              "before": dict(zip(names, before.numpy().round(4).tolist()))}
-    for c in concepts:
-        _, iqr = iqr_thresholds(maps, fit_seg == c)
+                              "generator_steps": generator_steps, "before": _fractions(names, before),
+                              "images": {"fresh": "fresh.png"}, "concepts": {}, "not_drawn": {}}
+    for c in sorted(CONCEPTS) if concepts is None else concepts:
+        name = CONCEPTS[c]
+        if before[c] < 0.002 or not (fit_seg == c).any():
+            result["not_drawn"][name] = round(float(before[c]), 4)
+            continue
+        thresholds, iqr = iqr_thresholds(maps, fit_seg == c)
         alpha = search_units(gen, seg, GEN_LAYER, c, z_fit)
-        top = alpha.argsort(descending=True)[:top_n]
+        order = alpha.argsort(descending=True)
+        curve = {}
+        for n in sorted({4, top_n, 16}):
+            a = torch.zeros(n_units)
+            a[order[:n]] = 1
+            with edit_units(gen, GEN_LAYER, a):
+                _, ablated = layer_maps(gen, GEN_LAYER, z_new)
+            curve[n] = (concept_fractions(seg, ablated, n_classes), ablated)
+        after, ablated = curve[top_n]
+        top = order[:top_n]
         a = torch.zeros(n_units)
         a[top] = 1
-        with edit_units(gen, GEN_LAYER, a):
-            _, ablated = layer_maps(gen, GEN_LAYER, z_new)
-        after = concept_fractions(seg, ablated, n_classes)
         rand = torch.zeros(n_units)
-        rand[torch.randperm(n_units, generator=torch.Generator().manual_seed(seed))[:top_n]] = 1
+        rand[torch.randperm(n_units, generator=torch.Generator().manual_seed(seed + c))[:top_n]] = 1
         with edit_units(gen, GEN_LAYER, rand):
             _, rand_images = layer_maps(gen, GEN_LAYER, z_new)
         k = mean_where_concept(maps, fit_seg == c)
@@ -87,20 +125,31 @@ def run_gan_demo(out: str | Path, top_n: int = 8, concepts: tuple[int, ...] = (1
         in_after = concept_fractions(seg, inserted, n_classes, pixel_region)[c]
         out_before = concept_fractions(seg, new_images, n_classes, ~pixel_region)[c]
         out_after = concept_fractions(seg, inserted, n_classes, ~pixel_region)[c]
-        name = CONCEPTS[c]
         _grid(ablated, out / f"ablate_{name}.png")
         _grid(inserted, out / f"insert_{name}.png")
-        result[name] = {
-            "units": top.tolist(), "iqr_top_units": iqr.argsort(descending=True)[:top_n].tolist(),
-            "iqr_of_units": iqr[top].numpy().round(4).tolist(),
-            "ablation_after": dict(zip(names, after.numpy().round(4).tolist())),
-            "random_units_after": dict(zip(names, concept_fractions(seg, rand_images, n_classes).numpy().round(4)
-                                           .tolist())),
+        _overlay(fit_images, maps, thresholds, top[:4].tolist(), out / f"units_{name}.png")
+        others = [o for o in range(1, n_classes) if o != c and before[o] > 0]
+        ranked_iqr = torch.nan_to_num(iqr, nan=-1.0).argsort(descending=True)
+        result["concepts"][name] = {
+            "units": top.tolist(), "alpha": alpha[top].numpy().round(3).tolist(),
+            "iqr_top_units": ranked_iqr[:top_n].tolist(),
+            "iqr_of_units": [None if v != v else round(float(v), 4) for v in iqr[top]],
+            "threshold_of_units": [None if v != v else round(float(v), 4) for v in thresholds[top]],
+            "units_without_threshold": int(torch.isnan(iqr).sum()),
+            "before": round(float(before[c]), 4),
+            "ablation_after": _fractions(names, after),
+            "ablation_relative": round(float(after[c] / before[c]), 4),
+            "others_relative_change": {names[o]: round(float(after[o] / before[o] - 1), 4) for o in others},
+            "ablation_curve": {str(n): round(float(f[c] / before[c]), 4) for n, (f, _) in curve.items()},
+            "random_units_after": _fractions(names, concept_fractions(seg, rand_images, n_classes)),
             "ablation_ace": round(float(after[c] - before[c]), 4),
             "insertion_region_before": round(float(in_before), 4),
             "insertion_region_after": round(float(in_after), 4),
             "insertion_outside_before": round(float(out_before), 4),
             "insertion_outside_after": round(float(out_after), 4),
+            "images": {"ablate": f"ablate_{name}.png", "insert": f"insert_{name}.png",
+                       "units": f"units_{name}.png"},
         }
+        write_json_atomic(out / "gan_dissection.json", result)  # each concept kept as soon as it is measured
     write_json_atomic(out / "gan_dissection.json", result)
     return result
