@@ -171,6 +171,20 @@ def test_snmf_objective_never_increases_and_f_is_the_least_squares_solution():
     assert abs(float((x.double() - G.double() @ F.double().t()).pow(2).sum()) - losses[-1]) < 0.05 * losses[-1]
 
 
+def test_snmf_polish_after_a_subsample_gives_every_row_a_code_and_least_squares_f():
+    """Passes on 100 of the 400 rows, then 2 over all of them: every row has a code, and F is the exact
+    least-squares answer for all 400 rows' codes (not just the subsample's)."""
+    x = _tiny_snmf_problem()
+    losses = []
+    F, G = fit_snmf(x, 12, iters=30, code_units=3, sample_rows=100, polish=2,
+                    callback=lambda it, v: losses.append(v))
+    G = G.to_dense()
+    assert ((G > 0).sum(1) > 0).all() and (G >= 0).all() and ((G > 0).sum(1) <= 3).all()
+    ref = torch.linalg.lstsq(G.double(), x.double()).solution.t()
+    assert torch.allclose(F.double(), ref, atol=1e-4 * float(ref.abs().max())), (F.double() - ref).abs().max()
+    assert losses[-1] <= losses[-2] * (1 + 1e-6)  # the second polishing pass over all rows does not get worse
+
+
 def test_snmf_codes_are_nnls_on_the_most_correlated_units():
     x = _tiny_snmf_problem()[:50]
     w = torch.randn(12, 8, generator=torch.Generator().manual_seed(1))

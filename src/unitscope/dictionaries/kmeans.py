@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..errors import UnitscopeError
 from .base import Dictionary, register, require_weights
+from .threads import one_thread
 
 CHUNK = 16384  # rows per distance block: 16384 x 1024 float32 is 64 MB
 
@@ -94,29 +94,36 @@ def nearest(x: torch.Tensor, cents: torch.Tensor) -> tuple[torch.Tensor, torch.T
     idx, dist = [], []
     for chunk in _chunks(x):
         d2 = torch.addmm(c2, chunk, cents.t(), alpha=-2)  # ||c||² - 2 x·c: the argmin needs no ||x||²
-        m = d2.min(1)
-        idx.append(m.indices)
-        dist.append((m.values + chunk.pow(2).sum(1)).clamp_min(0))
+        with one_thread():  # element-wise passes: a second thread costs more in sync than it gives
+            m = d2.min(1)
+            idx.append(m.indices)
+            dist.append((m.values + chunk.pow(2).sum(1)).clamp_min(0))
     return torch.cat(idx), torch.cat(dist)
 
 
 def kmeans_plus_plus(x: torch.Tensor, k: int, g: torch.Generator, sample: int = 16) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii 2007) on a random subsample of `sample` rows per centroid: the
-    seeds only need to cover the data, and k sequential passes over a subsample stay cheap. In numpy: k small
-    element-wise passes pay no thread start-up each, which dominates them in torch on a busy machine."""
+    seeds only need to cover the data, and k sequential passes over a subsample stay cheap. Each pass is one
+    float64 matrix-vector product (||r - p||² = ||r||² - 2 r·p + ||p||²) and a few small ops, on one thread:
+    1024 seeds on 16k rows took 11 s as element-wise numpy, 115 s through a multi-threaded BLAS on busy cores."""
     if len(x) > sample * k:
         x = x[torch.randperm(len(x), generator=g)[: sample * k]]
-    rows = x.numpy()
-    rng = np.random.default_rng(int(torch.randint(2 ** 62, (), generator=g)))
-    picks = [int(rng.integers(len(rows)))]
-    best = ((rows - rows[picks[0]]) ** 2).sum(1, dtype=np.float64)
-    for _ in range(1, k):
-        cum = np.cumsum(best)
-        # D² sampling; when every row is already a centroid (cum[-1] == 0) any row will do
-        pick = int(np.searchsorted(cum, rng.random() * cum[-1], side="right")) if cum[-1] > 0 else 0
-        pick = min(pick, len(rows) - 1)
-        picks.append(pick)
-        best = np.minimum(best, ((rows - rows[pick]) ** 2).sum(1, dtype=np.float64))
+    with one_thread():
+        rows = x.double()
+        sq = rows.pow(2).sum(1)
+        picks = [int(torch.randint(len(rows), (), generator=g))]
+
+        def dist2(pick: int) -> torch.Tensor:
+            return (sq - 2 * (rows @ rows[pick]) + sq[pick]).clamp_min(0)
+
+        best = dist2(picks[0])
+        for _ in range(1, k):
+            cum = best.cumsum(0)
+            # D² sampling; when every row is already a centroid (cum[-1] == 0) any row will do
+            u = torch.rand((), generator=g, dtype=torch.float64) * cum[-1]
+            pick = min(int(torch.searchsorted(cum, u, right=True)), len(rows) - 1) if cum[-1] > 0 else 0
+            picks.append(pick)
+            best = torch.minimum(best, dist2(pick))
     return x[torch.tensor(picks)].clone()
 
 
@@ -128,8 +135,9 @@ def lloyd_step(x: torch.Tensor, cents: torch.Tensor) -> tuple[torch.Tensor, torc
     inertia, far = 0.0, []
     for chunk in _chunks(x):
         idx, dist = nearest(chunk, cents)
-        sums.index_add_(0, idx, chunk.double())
-        counts += torch.bincount(idx, minlength=len(cents)).double()
+        with one_thread():  # a chunk's sums in float32 (16384 rows), added up in float64: 20x faster
+            sums += torch.zeros(cents.shape, dtype=chunk.dtype).index_add_(0, idx, chunk).double()
+            counts += torch.bincount(idx, minlength=len(cents)).double()
         inertia += float(dist.double().sum())
         far.append(dist)
     return sums, counts, inertia, torch.cat(far)

@@ -29,9 +29,12 @@ from torch import nn
 
 from ..errors import UnitscopeError
 from .base import Dictionary, register, require_weights
+from .threads import one_thread
 
 CHUNK_FLOATS = 1 << 24  # per-chunk budget for the [rows, s, s] Gram blocks (64 MB of float32)
 MAX_CODE_UNITS = 64  # default code support is d // 4, capped: each token costs s² per NNLS iteration
+SAMPLE_ROWS = 32_768  # rows the alternating passes run on (enough for each feature's least squares)...
+POLISH_PASSES = 2  # ...before this many passes over every row
 
 
 def default_code_units(d: int, n_units: int) -> int:
@@ -118,7 +121,9 @@ class SNMF(Dictionary):
             out = torch.zeros(a.shape[0], self.n_units, dtype=a.dtype, device=a.device)
             rows = _chunk_rows(self.code_units)
             for lo in range(0, len(a), rows):
-                idx, g, _ = support_codes(a[lo:lo + rows], ft, gram, self.code_units, self.nnls_iters)
+                xw = a[lo:lo + rows] @ ft.t()
+                with one_thread():
+                    idx, g, _ = support_codes(a[lo:lo + rows], ft, gram, self.code_units, self.nnls_iters, xw=xw)
                 out[lo:lo + rows].scatter_(1, idx, g)
             return out.reshape(*shape, self.n_units)
         step = 1.0 / torch.linalg.matrix_norm(gram, ord=2).clamp_min(1e-12)
@@ -162,13 +167,17 @@ def _wta(f: torch.Tensor, frac: float) -> torch.Tensor:
 
 def fit_snmf(acts: torch.Tensor, rank: int, iters: int = 50, wta: float | None = None, init: str = "kmeans",
              patience: int = 2, tol: float = 1e-3, seed: int = 0, code_units: int | None = None,
-             nnls_iters: int = 20, callback=None) -> tuple[torch.Tensor, torch.Tensor]:
+             nnls_iters: int = 20, sample_rows: int = SAMPLE_ROWS, polish: int = POLISH_PASSES,
+             callback=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Factorise acts [n_tokens, d] as G Fᵀ; returns (F [d, k], G [n, k] as a sparse COO tensor).
 
-    `iters` passes over the rows, each a code step (every token's NNLS on its `code_units` most correlated
-    features, kept only where it lowers that token's error) then F's exact least-squares step; stops early after
-    `patience` passes that lower the objective by less than `tol` of itself. `callback(it, loss)` sees the
-    objective ||A - F Gᵀ||² after each code step, which never increases without winner-take-all."""
+    Each pass is a code step (every token's NNLS on its `code_units` most correlated features, kept only where it
+    lowers that token's error) then F's exact least-squares step. Up to `iters` passes run over a random subsample
+    of `sample_rows` rows (all of them when there are no more), stopping early after `patience` passes that lower
+    the objective by less than `tol` of itself; then up to `polish` passes over every row (warm-started from the
+    subsample's codes) make F the least-squares answer for the whole data. `callback(it, loss)` sees the
+    objective ||A - F Gᵀ||² over the rows of that pass after each code step; within a stage it never increases
+    without winner-take-all."""
     if init not in ("random", "kmeans"):
         raise UnitscopeError(f"unknown SNMF initialisation {init!r}; use random or kmeans")
     if wta is not None and not 0 < wta <= 1:
@@ -180,37 +189,60 @@ def fit_snmf(acts: torch.Tensor, rank: int, iters: int = 50, wta: float | None =
     s = default_code_units(d, rank) if code_units is None else min(int(code_units), rank)
     if s < 1:
         raise UnitscopeError(f"SNMF needs at least one code unit per token, not {code_units}")
+    if sample_rows < rank:
+        raise UnitscopeError(f"SNMF's subsample needs at least as many rows as units ({rank}), not {sample_rows}")
     gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(n, generator=gen)[:sample_rows] if n > sample_rows else None
+    sub = x if pick is None else x[pick]
     if init == "random":
-        w = x[torch.randperm(n, generator=gen)[:rank]].clone()
+        w = sub[torch.randperm(len(sub), generator=gen)[:rank]].clone()
     else:
         from .kmeans import KMeans
 
-        w = KMeans.fit(x, rank, {}, iters=10, seed=seed).W_dec.detach().clone()
+        w = KMeans.fit(sub, rank, {}, iters=10, seed=seed).W_dec.detach().clone()
     if wta:
         w = _wta(w, wta)
-    idx = torch.zeros(n, s, dtype=torch.long)
-    coef = torch.zeros(n, s)  # every token starts from the zero code
+    idx = torch.zeros(len(sub), s, dtype=torch.long)
+    coef = torch.zeros(len(sub), s)  # every token starts from the zero code
+    step = dict(s=s, nnls_iters=nnls_iters, wta=wta, patience=patience, tol=tol, callback=callback)
+    w, done = _passes(sub, w, idx, coef, iters, start=0, **step)
+    if pick is not None:
+        full_idx, full_coef = torch.zeros(n, s, dtype=torch.long), torch.zeros(n, s)
+        full_idx[pick], full_coef[pick] = idx, coef
+        idx, coef = full_idx, full_coef
+        w, _ = _passes(x, w, idx, coef, max(1, polish), start=done, **step)
+    rows_idx = torch.arange(n).repeat_interleave(s)
+    codes = torch.sparse_coo_tensor(torch.stack([rows_idx, idx.flatten()]), coef.flatten(), (n, rank),
+                                    check_invariants=False).coalesce()
+    return w.t().contiguous(), codes
+
+
+def _passes(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor, iters: int, start: int,
+            s: int, nnls_iters: int, wta: float | None, patience: int, tol: float,
+            callback) -> tuple[torch.Tensor, int]:
+    """Up to `iters` alternating passes over x, updating the codes (idx, coef) in place; returns the features
+    [k, d] and the index of the next pass."""
+    rank, d = w.shape
     rows = _chunk_rows(s)
-    best, stale = float("inf"), 0
-    for it in range(iters):
+    best, stale, it = float("inf"), 0, start
+    for it in range(start, start + iters):
         q = w @ w.t()
         gtg = torch.zeros(rank, rank, dtype=torch.float64)
         gtx = torch.zeros(rank, d, dtype=torch.float64)
         loss = 0.0
-        for lo in range(0, n, rows):
-            xc = x[lo:lo + rows]
+        for lo in range(0, len(x), rows):
+            xc, ic, cc = x[lo:lo + rows], idx[lo:lo + rows], coef[lo:lo + rows]
             xw = xc @ w.t()
-            new_idx, new_g, new_err = support_codes(xc, w, q, s, nnls_iters, xw=xw,
-                                                    previous=(idx[lo:lo + rows], coef[lo:lo + rows]))
-            b, gram = _gather(xw, q, idx[lo:lo + rows])
-            old_err = _row_loss(xc.pow(2).sum(1), b, gram, coef[lo:lo + rows])
-            better = new_err < old_err
-            idx[lo:lo + rows][better] = new_idx[better]
-            coef[lo:lo + rows][better] = new_g[better]
-            loss += float(torch.where(better, new_err, old_err).double().sum())
-            gt = _sparse_t(idx[lo:lo + rows], coef[lo:lo + rows], rank)
-            gtg += torch.sparse.mm(gt, _dense(idx[lo:lo + rows], coef[lo:lo + rows], rank)).double()
+            with one_thread():  # many small ops on [rows, s, s]: a second thread costs more in sync than it gives
+                new_idx, new_g, new_err = support_codes(xc, w, q, s, nnls_iters, xw=xw, previous=(ic, cc))
+                b, gram = _gather(xw, q, ic)
+                old_err = _row_loss(xc.pow(2).sum(1), b, gram, cc)
+                better = new_err < old_err
+                ic[better] = new_idx[better]
+                cc[better] = new_g[better]
+                loss += float(torch.where(better, new_err, old_err).double().sum())
+                gt = _sparse_t(ic, cc, rank)
+                gtg += torch.sparse.mm(gt, _dense(ic, cc, rank)).double()
             gtx += torch.sparse.mm(gt, xc).double()
         if callback:
             callback(it, loss)
@@ -226,10 +258,7 @@ def fit_snmf(acts: torch.Tensor, rank: int, iters: int = 50, wta: float | None =
             best, stale = min(best, loss), stale + 1
             if stale >= patience:
                 break
-    rows_idx = torch.arange(n).repeat_interleave(s)
-    codes = torch.sparse_coo_tensor(torch.stack([rows_idx, idx.flatten()]), coef.flatten(), (n, rank),
-                                    check_invariants=False).coalesce()
-    return w.t().contiguous(), codes
+    return w, it + 1
 
 
 def _sparse_t(idx: torch.Tensor, coef: torch.Tensor, k: int) -> torch.Tensor:
