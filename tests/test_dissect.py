@@ -132,6 +132,29 @@ def test_classifier_last_conv_has_a_detector_for_every_concept(tmp_path):
 
     assert pq.read_table(path).num_rows == 64 * len(CONCEPTS)
     assert json.loads((tmp_path / "out" / "dissection.json").read_text())["unique_concepts"] == 5
+    # each concept's best detector drawn over sample images: its map above the threshold, recomputed in numpy
+    from PIL import Image
+
+    from unitscope.dissect.demo import unit_maps
+    from unitscope.worlds.classifier import to_tensor
+
+    x = to_tensor(test_images[:40])
+    unit_maps(model, LAST_CONV, result, x, tmp_path / "out")
+    chosen = json.loads((tmp_path / "out" / "unit_maps.json").read_text())
+    assert sorted(c["concept"] for c in chosen) == sorted(CONCEPTS.values())
+    from unitscope.vision.rows import layer_output
+
+    with torch.no_grad():
+        maps = layer_output(model, LAST_CONV, x).numpy()
+    got = np.asarray(Image.open(tmp_path / "out" / "unit_maps.png"))[::3, ::3]
+    for row, c in enumerate(chosen):
+        pick = np.sort(np.argsort(-maps[:, c["unit"]].reshape(40, -1).max(1), kind="stable")[:6])
+        on = bilinear_numpy(maps[pick, c["unit"]].astype(np.float64), 64) > c["threshold"]
+        want = test_images[pick].astype(np.float64) / 255
+        want[on] = 0.4 * want[on] + 0.6 * np.array([1.0, 0.0, 0.0])
+        want = (want * 255).astype(np.uint8)
+        tile = got[row * 64:(row + 1) * 64].reshape(64, 6, 64, 3).transpose(1, 0, 2, 3)
+        assert on.any() and np.abs(tile.astype(int) - want).max() <= 1
 
 
 def test_bad_inputs_one_sentence_each(tmp_path):

@@ -46,15 +46,17 @@ def _grid(images: torch.Tensor, path: Path) -> None:
 
 def _overlay(images: torch.Tensor, maps: torch.Tensor, thresholds: torch.Tensor, units: list[int],
              path: Path, n: int = 6) -> None:
-    """One row per unit: sample images with the unit's upsampled map above its IQR threshold tinted red."""
+    """One row per unit: the n images where the unit peaks highest, with its upsampled map above its threshold
+    tinted red."""
     from PIL import Image
 
     size = tuple(images.shape[2:])
     rows = []
     for u in units:
-        up = torch.nn.functional.interpolate(maps[:n, u:u + 1], size=size, mode="bilinear", align_corners=False)
+        pick = maps[:, u].flatten(1).amax(1).argsort(descending=True)[:n].sort().values
+        up = torch.nn.functional.interpolate(maps[pick, u:u + 1], size=size, mode="bilinear", align_corners=False)
         on = up[:, 0] > thresholds[u] if torch.isfinite(thresholds[u]) else torch.zeros_like(up[:, 0], dtype=bool)
-        img = images[:n].clamp(0, 1).permute(0, 2, 3, 1).clone()
+        img = images[pick].clamp(0, 1).permute(0, 2, 3, 1).clone()
         img[on] = 0.4 * img[on] + 0.6 * torch.tensor([1.0, 0.0, 0.0])
         rows.append(np.concatenate(list((img.numpy() * 255).astype(np.uint8)), 1))
     tmp = path.with_name(path.name + ".tmp")

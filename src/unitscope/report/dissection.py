@@ -52,6 +52,10 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _maps_name(root: Path, table: Path) -> str:
+    return "_".join(table.parent.relative_to(root).parts + ("unit_maps.png",))
+
+
 def _layer_section(root: Path, table: Path, max_units: int = 200) -> str:
     import pyarrow.parquet as pq
 
@@ -73,6 +77,14 @@ def _layer_section(root: Path, table: Path, max_units: int = 200) -> str:
              _table(["unit", "best concept", "IoU", "threshold", "detector"],
                     [[r["unit"], r["concept"], r["iou"], r["threshold"], "yes" if r["detector"] else "no"]
                      for r in best[:max_units]])]
+    maps_json = table.with_name("unit_maps.json")
+    if maps_json.is_file() and table.with_name("unit_maps.png").is_file():
+        chosen = json.loads(maps_json.read_text())
+        parts += ["<h3>Each concept's best detector over sample images (map above the threshold in red)</h3>",
+                  _table(["row", "unit", "concept", "IoU", "threshold"],
+                         [[i + 1, c.get("unit"), c.get("concept"), c.get("iou"), c.get("threshold")]
+                          for i, c in enumerate(chosen)]),
+                  f'<img src="{escape(_maps_name(root, table))}" alt="unit maps">']
     if len(best) > max_units:
         parts.append(f"<p>{len(best) - max_units} more units in {escape(str(table))}.</p>")
     return "\n".join(parts)
@@ -123,7 +135,9 @@ def write_dissection_page(root: str | Path) -> Path:
     if not tables and not gan_path.is_file():
         raise UnitscopeError(f"{str(root)!r} holds no dissection output (dissection.parquet or gan_dissection.json); "
                              "run `unitscope dissect --out` there first")
-    sections, copy = [_layer_section(root, t) for t in tables], []
+    sections = [_layer_section(root, t) for t in tables]
+    maps = {_maps_name(root, t): t.with_name("unit_maps.png") for t in tables if t.with_name("unit_maps.png").is_file()}
+    copy: list[str] = []
     if gan_path.is_file():
         try:
             g = json.loads(gan_path.read_text())
@@ -133,8 +147,11 @@ def write_dissection_page(root: str | Path) -> Path:
         sections.append(_gan_section(g, set(copy)))
     html = (f"<!doctype html><meta charset=utf-8><title>unitscope dissection</title><style>{STYLE}</style>"
             f"<h1>Dissection: {escape(root.name)}</h1>\n" + "\n".join(sections) + "\n")
-    with replace_dir(root / "report", allowed={"index.html", *copy}) as tmp:
+    old = {p.name for p in (root / "report").glob("*.png")}  # this page's own images of an earlier dissection
+    with replace_dir(root / "report", allowed={"index.html", *copy, *maps, *old}) as tmp:
         (tmp / "index.html").write_text(html, encoding="utf-8")
         for name in copy:
             shutil.copyfile(root / name, tmp / name)
+        for name, src in maps.items():
+            shutil.copyfile(src, tmp / name)
     return root / "report" / "index.html"
