@@ -122,14 +122,16 @@ def concept_fractions(segmenter: nn.Module, images: torch.Tensor, n_classes: int
 
 
 def search_units(generator: nn.Module, segmenter: nn.Module, layer: str, concept: int, z: torch.Tensor,
-                 steps: int = 100, lam: float = 0.01, lr: float = 0.1, batch_size: int = 32, seed: int = 0
-                 ) -> torch.Tensor:
+                 steps: int = 100, lam: float = 0.01, lr: float = 0.1, batch_size: int = 32, seed: int = 0,
+                 keep: float = 0.0) -> torch.Tensor:
     """A soft ablation α = sigmoid(θ) that removes `concept` at small Σα; returns α (C,).
 
     The loss is the segmenter's mean probability of the concept over the pixels where the unedited image shows
     it (the fraction of the concept that survives, ~1 before any ablation), plus λ·Σα. Averaging over all pixels
     instead makes a concept covering 3% of them worth ~0.03, below the penalty of a single unit, and α collapses
-    to 0 for every unit. The caller's models keep their train/eval modes and requires_grad flags."""
+    to 0 for every unit. `keep` > 0 adds keep × the mean probability lost by the other labelled concepts (class
+    > 0) where the unedited image shows them: units shared with other concepts then cost more (an addition to
+    Bau et al.'s objective, off by default). The caller's models keep their modes and requires_grad flags."""
     params = list(generator.parameters()) + list(segmenter.parameters())
     flags = [q.requires_grad for q in params]
     modes = [(m, m.training) for m in (*generator.modules(), *segmenter.modules())]
@@ -146,16 +148,20 @@ def search_units(generator: nn.Module, segmenter: nn.Module, layer: str, concept
         for _ in range(steps):
             zb = z[torch.randint(len(z), (batch_size,), generator=g)].to(maps.device)
             with torch.no_grad():
-                present = segmenter(generator(zb)).argmax(1) == concept
+                clean = segmenter(generator(zb)).argmax(1)
+            present = clean == concept
+            others = (clean != concept) & (clean > 0)
             if not present.any():
                 continue
             alpha = torch.sigmoid(theta)
             handle = hooks.add_hook(generator, ref, lambda r, a=alpha: (1 - a.to(r)[None, :, None, None]) * r)
             try:
-                prob = segmenter(generator(zb)).softmax(1)[:, concept][present].mean()
+                probs = segmenter(generator(zb)).softmax(1)
             finally:
                 handle.remove()
-            loss = prob + lam * alpha.sum()
+            loss = probs[:, concept][present].mean() + lam * alpha.sum()
+            if keep and others.any():
+                loss = loss + keep * (1 - probs.gather(1, clean[:, None])[:, 0][others]).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
