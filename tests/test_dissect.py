@@ -221,6 +221,25 @@ def test_gan_edit_is_the_formula():
     assert torch.allclose(out, gen[3](edited), atol=1e-6)
 
 
+def test_dissect_intervention_region_is_the_formula():
+    """The `dissect` intervention with an explicit H x W region equals r' = (1 - a*p) r + a*p k per channel."""
+    from unitscope.causal.interventions import Dissect
+
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    region = torch.zeros(4, 4)
+    region[1:3, :2] = 1
+    alpha, k = [1.0, 0.5, 0.0], [0.0, 2.0, 7.0]
+    d = Dissect(site="s", alpha=alpha, k=k, region=region.tolist())
+    want = torch.stack([(1 - alpha[c] * region) * x[:, c] + alpha[c] * region * k[c] for c in range(3)], 1)
+    assert torch.allclose(d.edit(x), want, atol=1e-6) and not torch.allclose(want, x)
+    with pytest.raises(UnitscopeError, match=r"needs \(batch, channels, H, W\) maps"):
+        d.edit(torch.randn(2, 3, 5, 5))
+    with pytest.raises(UnitscopeError, match="has 4 channels"):
+        d.edit(torch.randn(2, 4, 4, 4))
+    with pytest.raises(UnitscopeError, match="mask of 0s and 1s"):
+        Dissect(site="s", region=[[0, 2]])
+
+
 def brute_iqr(v: np.ndarray, s: np.ndarray, quantiles: np.ndarray) -> tuple[float, float]:
     """(threshold, IQR) by trying every candidate: I(M;S)/H(M,S) of the 2x2 joint, thresholds on > half skipped."""
     best, best_t = -np.inf, math.nan

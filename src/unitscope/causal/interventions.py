@@ -382,18 +382,39 @@ class ProjectOutAdd(ProjectOut):
 @_register("dissect")
 @dataclass(eq=False, kw_only=True)
 class Dissect(SiteEdit):
-    """GAN dissection's insertion/ablation r' = (1 - alpha*p) * r + alpha*p * k (Bau et al. 2019)."""
+    """GAN dissection's insertion/ablation r' = (1 - alpha*p) * r + alpha*p * k (Bau et al. 2019).
+
+    Without `region`, p = 1 and alpha/k run along the last dimension. With `region` (an H×W 0/1 mask), the site
+    must give (B, C, H, W) maps: p is the region and alpha/k run along the channels."""
 
     alpha: Any = 1.0
     k: Any = 0.0
+    region: Any = None
 
     def validate(self):
         self.alpha = _vector(self.alpha, "alpha", allow_scalar=True)
         self.k = _vector(self.k, "k", allow_scalar=True)
+        if self.region is not None:
+            r = torch.as_tensor(self.region)
+            if r.dim() != 2 or r.numel() == 0 or not bool(((r == 0) | (r == 1)).all()):
+                raise UnitscopeError(f"a dissect region must be an H x W mask of 0s and 1s, not one of shape "
+                                     f"{tuple(r.shape)}")
+            self.region = r.to(torch.float32)
 
     def edit(self, x):
         a = torch.as_tensor(self.alpha, dtype=x.dtype, device=x.device)
         k = torch.as_tensor(self.k, dtype=x.dtype, device=x.device)
+        if self.region is not None:
+            if x.dim() != 4 or tuple(x.shape[2:]) != tuple(self.region.shape):
+                raise UnitscopeError(f"the dissect region is {tuple(self.region.shape)} but site {self.site!r} gives "
+                                     f"activations of shape {tuple(x.shape)}; it needs (batch, channels, H, W) maps")
+            for name, t in (("alpha", a), ("k", k)):
+                if t.dim() and t.numel() != x.shape[1]:
+                    raise UnitscopeError(f"the {name} of this dissect intervention has length {t.numel()}, but site "
+                                         f"{self.site!r} has {x.shape[1]} channels")
+            a = (a[:, None, None] if a.dim() else a) * self.region.to(x.device, x.dtype)
+            k = k[:, None, None] if k.dim() else k
+            return (1 - a) * x + a * k
         for name, t in (("alpha", a), ("k", k)):
             if t.dim():
                 self._check_width(x, t.numel(), name)
