@@ -116,6 +116,12 @@ def test_baseline_lifts_errors_table_and_plot(sharp_subject, tmp_path):
         assert statistics.mean(_finite(at[d["best"]])) >= statistics.mean(_finite(at[d["other"]]))
         assert d["pairs"] == len(diffs) >= 6 and d["diff"] == pytest.approx(statistics.mean(diffs))
         assert d["se"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(len(diffs)))
+    # rows of a second run (another seed) pool: draws pair within a run, so the pairs double
+    other = [{**r, "seed": 1, "presence_each": [v + (0.5 if r["kind"] == "topk" else 0.0) for v in r["presence_each"]]}
+             for r in rows]
+    for d in paired_differences(rows + other):
+        assert d["pairs"] == 2 * [e for e in paired_differences(rows) if e["target_kl"] == d["target_kl"]][0]["pairs"]
+        assert d["best"] == "topk"  # topk is ahead by 0.5 on the second run's draws
     paths = write_steer_compare(tmp_path / "sc", rows)
     back = pq.read_table(paths["table"]).to_pylist()
     assert len(back) == len(rows) and back[1]["presence_each"] == pytest.approx(rows[1]["presence_each"], nan_ok=True)
