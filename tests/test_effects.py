@@ -8,10 +8,10 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import run_cli
 
 from unitscope import Corpus, record
 from unitscope.causal.effects import unit_effects, write_effects
+from unitscope.cli import main
 from unitscope.dictionaries.linear import Neurons
 from unitscope.dictionaries.sae import TopKSAE
 from unitscope.errors import UnitscopeError
@@ -201,7 +201,13 @@ def test_bad_input(explained, llama_subject, tmp_path):
         unit_effects(llama_subject, d, tmp_path, units=[2])
 
 
-def test_cli_with_store_and_with_explanations(tiny_model_dir, tmp_path):
+def _cli(capsys, *args):
+    """`unitscope ARGS` in this process (a subprocess would pay torch's import each time): status, stderr."""
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_cli_with_store_and_with_explanations(tiny_model_dir, tmp_path, capsys):
     from unitscope import load_subject
 
     subject = load_subject(str(tiny_model_dir))
@@ -209,19 +215,19 @@ def test_cli_with_store_and_with_explanations(tiny_model_dir, tmp_path):
     d = _topk()
     d.metadata.update(st.provenance())
     d.save(tmp_path / "d")
-    r = run_cli("effects", "--dictionary", tmp_path / "d", "--store", tmp_path / "s", "--out", tmp_path / "ex",
-                "--units", "2", "5", "--windows", "2", "--quiet")
-    assert r.returncode == 0, r.stderr
+    code, err = _cli(capsys, "effects", "--dictionary", tmp_path / "d", "--store", tmp_path / "s", "--out",
+                     tmp_path / "ex", "--units", "2", "5", "--windows", "2", "--quiet")
+    assert code == 0, err
     first = pq.read_table(tmp_path / "ex" / "effects.parquet").to_pylist()
     assert [row["unit"] for row in first] == [2, 5] and all(row["n_windows"] == 2 for row in first)
-    r = run_cli("effects", "--dictionary", tmp_path / "d", "--explanations", tmp_path / "ex", "--out", tmp_path / "o",
-                "--units", "2", "--windows", "2", "--quiet")
-    assert r.returncode == 0, r.stderr
+    code, err = _cli(capsys, "effects", "--dictionary", tmp_path / "d", "--explanations", tmp_path / "ex", "--out",
+                     tmp_path / "o", "--units", "2", "--windows", "2", "--quiet")
+    assert code == 0, err
     again = pq.read_table(tmp_path / "o" / "effects.parquet").to_pylist()
     assert again[0]["kl_ablate"] == pytest.approx(first[0]["kl_ablate"], rel=1e-5)
-    bad = run_cli("effects", "--dictionary", tmp_path / "d", "--explanations", tmp_path / "ex", "--out", tmp_path / "o",
-                  "--units", "99", "--quiet")
-    assert bad.returncode == 2 and "unit 99" in bad.stderr and "Traceback" not in bad.stderr
+    code, err = _cli(capsys, "effects", "--dictionary", tmp_path / "d", "--explanations", tmp_path / "ex", "--out",
+                     tmp_path / "o", "--units", "99", "--quiet")
+    assert code == 2 and "unit 99" in err and err.count("\n") == 1
     assert pq.read_table(tmp_path / "o" / "effects.parquet").to_pylist() == again  # untouched
 
 

@@ -10,11 +10,11 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import run_cli
 from torch import nn
 
 from unitscope import load_subject
 from unitscope.causal.supervised import SupervisedMeans, build_task, ioi_dataset, supervised_checks
+from unitscope.cli import main
 from unitscope.dictionaries.linear import PCA, Neurons
 from unitscope.errors import UnitscopeError
 
@@ -163,7 +163,8 @@ def test_refusals(tokenizer, llama_subject, data):
         supervised_checks(llama_subject, SITE, data, {"tc": tc})
 
 
-def test_command(tiny_model_dir, tmp_path):
+def test_command(tiny_model_dir, tmp_path, capsys):
+    """`unitscope supervised` in this process (a subprocess would pay torch's import each time)."""
     subject = load_subject(str(tiny_model_dir))
     Neurons.from_subject(subject, SITE).save(tmp_path / "neurons")
     q = torch.linalg.qr(torch.randn(32, 8, generator=torch.Generator().manual_seed(0)))[0]
@@ -171,20 +172,22 @@ def test_command(tiny_model_dir, tmp_path):
     pca.metadata.update({k: v for k, v in Neurons.from_subject(subject, SITE).metadata.items() if k != "hook_name"})
     pca.save(tmp_path / "pca8")
     out = tmp_path / "sup"
-    r = run_cli("supervised", "--dictionary", tmp_path / "neurons", tmp_path / "pca8", "--names", *NAMES,
-                "--n-prompts", "16", "--out", out)
-    assert r.returncode == 0, r.stderr
+    code = main(["supervised", "--dictionary", str(tmp_path / "neurons"), str(tmp_path / "pca8"), "--names", *NAMES,
+                 "--n-prompts", "16", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
     table = pq.read_table(out / "supervised.parquet").to_pylist()
     assert [row["method"] for row in table] == ["supervised", "counterfactual patch", "neurons", "pca8"]
     assert [row["kind"] for row in table] == ["supervised", "patch", "neurons", "pca"]
     saved = json.loads((out / "supervised.json").read_text())
     assert saved["rows"] == table and saved["settings"]["site"] == SITE and saved["settings"]["n_prompts"] == 16
     assert table[2]["sufficiency"] == pytest.approx(1.0, abs=1e-5)  # neurons are exact
-    assert "pca8" in r.stdout and "sufficiency" in r.stdout
+    assert "pca8" in printed.out and "sufficiency" in printed.out
     # one sentence each, and the table written before is kept
     Neurons(32, metadata={**Neurons.from_subject(subject, SITE).metadata, "hook_name": "blocks.0.resid_post"}).save(
         tmp_path / "n0")
-    bad = run_cli("supervised", "--dictionary", tmp_path / "n0", "--site", SITE, "--out", out)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert "dictionary 'n0' was trained on site 'blocks.0.resid_post', not 'blocks.1.resid_post'" in bad.stderr
+    assert main(["supervised", "--dictionary", str(tmp_path / "n0"), "--site", SITE, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "dictionary 'n0' was trained on site 'blocks.0.resid_post', not 'blocks.1.resid_post'" in err
+    assert err.count("\n") == 1  # one sentence, no traceback
     assert pq.read_table(out / "supervised.parquet").to_pylist() == table
