@@ -298,7 +298,8 @@ class _Paint(nn.Module):
         return self.out(self.act(self.fc(z).reshape(len(z), 6, 4, 4)))
 
 
-def test_gan_search_finds_planted_units_and_restores_the_models():
+@pytest.mark.parametrize("keep", [0.0, 1.0])
+def test_gan_search_finds_planted_units_and_restores_the_models(keep):
     """Concept 1 is drawn by channels 0 and 1 only: the soft-α search ranks them first; the caller's train modes
     and requires_grad flags come back as they were, and no gradient is left on their parameters."""
     from unitscope.dissect.gan import concept_fractions, edit_units, search_units
@@ -308,7 +309,7 @@ def test_gan_search_finds_planted_units_and_restores_the_models():
     gen.train()
     gen.out.weight.requires_grad_(False)
     z = torch.randn(64, 4)
-    alpha = search_units(gen, seg, "act:output", 1, z, steps=60, batch_size=16)
+    alpha = search_units(gen, seg, "act:output", 1, z, steps=60, batch_size=16, keep=keep)
     assert set(alpha.argsort(descending=True)[:2].tolist()) == {0, 1}, alpha
     assert gen.training and gen.act.training and gen.fc.weight.requires_grad and not gen.out.weight.requires_grad
     assert all(p.grad is None for p in gen.parameters())

@@ -22,6 +22,9 @@ def add_parser(sub) -> None:
     p.add_argument("--demo", action="store_true", help="draw scenes, train (or reuse) the small classifier, dissect it")
     p.add_argument("--gan-demo", action="store_true", help="GAN dissection on the scenes: a generator and a segmenter "
                    "trained (or reused), units found per concept, ablated and inserted (gan_dissection.json, PNGs)")
+    p.add_argument("--keep", type=options.non_negative_float,
+                   default=0.0, help="--gan-demo: weight of the search's term keeping the other concepts (0: Bau "
+                   "et al.'s objective, which removes concepts that share units with the searched one)")
     p.add_argument("--out", required=True, help="output directory (dissection.parquet, dissection.json)")
     p.set_defaults(func=run)
 
@@ -33,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if args.gan_demo:
         from ..dissect.gan_demo import run_gan_demo
 
-        print(json.dumps(run_gan_demo(args.out), indent=1))
+        print(json.dumps(run_gan_demo(args.out, keep=args.keep), indent=1))
         print(f"written: {args.out}/gan_dissection.json and before/after PNGs; page: {_page(args.out)}")
         return 0
     if args.demo:

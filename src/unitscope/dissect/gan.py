@@ -129,8 +129,9 @@ def search_units(generator: nn.Module, segmenter: nn.Module, layer: str, concept
     The loss is the segmenter's mean probability of the concept over the pixels where the unedited image shows
     it (the fraction of the concept that survives, ~1 before any ablation), plus λ·Σα. Averaging over all pixels
     instead makes a concept covering 3% of them worth ~0.03, below the penalty of a single unit, and α collapses
-    to 0 for every unit. `keep` > 0 adds keep × the mean probability lost by the other labelled concepts (class
-    > 0) where the unedited image shows them: units shared with other concepts then cost more (an addition to
+    to 0 for every unit. `keep` > 0 adds keep × the probability lost by the other labelled concepts (class > 0)
+    where the unedited image shows them, averaged per concept so that small ones count as much as large ones:
+    units shared with other concepts then cost more (an addition to
     Bau et al.'s objective, off by default). The caller's models keep their modes and requires_grad flags."""
     params = list(generator.parameters()) + list(segmenter.parameters())
     flags = [q.requires_grad for q in params]
@@ -150,7 +151,6 @@ def search_units(generator: nn.Module, segmenter: nn.Module, layer: str, concept
             with torch.no_grad():
                 clean = segmenter(generator(zb)).argmax(1)
             present = clean == concept
-            others = (clean != concept) & (clean > 0)
             if not present.any():
                 continue
             alpha = torch.sigmoid(theta)
@@ -160,8 +160,9 @@ def search_units(generator: nn.Module, segmenter: nn.Module, layer: str, concept
             finally:
                 handle.remove()
             loss = probs[:, concept][present].mean() + lam * alpha.sum()
-            if keep and others.any():
-                loss = loss + keep * (1 - probs.gather(1, clean[:, None])[:, 0][others]).mean()
+            lost = [(1 - probs[:, o][clean == o]).mean() for o in clean.unique().tolist() if o not in (0, concept)]
+            if keep and lost:
+                loss = loss + keep * torch.stack(lost).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -70,9 +70,10 @@ def _fractions(names: list[str], f: torch.Tensor) -> dict[str, float]:
 
 
 def run_gan_demo(out: str | Path, top_n: int = 8, concepts: tuple[int, ...] | None = None, seed: int = 0,
-                 generator_steps: int = 2500) -> dict[str, Any]:
+                 generator_steps: int = 2500, keep: float = 0.0) -> dict[str, Any]:
     """Dissect every concept the generator draws (all five by default); concepts it draws on under 0.2% of the
-    pixels of fresh images are listed under `not_drawn` with their fraction instead."""
+    pixels of fresh images are listed under `not_drawn` with their fraction instead. `keep`: the search's term for
+    the other concepts (`search_units`; 0 is Bau et al.'s objective)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UnitscopeError(f"{str(out)!r} is an existing file; give a directory for the GAN dissection demo")
@@ -95,15 +96,16 @@ def run_gan_demo(out: str | Path, top_n: int = 8, concepts: tuple[int, ...] | No
     pixel_region = torch.nn.functional.interpolate(region[None, None].float(), size=(32, 32))[0, 0].bool()
     _grid(new_images, out / "fresh.png")
     result: dict[str, Any] = {"layer": GEN_LAYER, "top_n": top_n, "fresh_latents": len(z_new),
-                              "generator_steps": generator_steps, "before": _fractions(names, before),
-                              "images": {"fresh": "fresh.png"}, "concepts": {}, "not_drawn": {}}
+                              "generator_steps": generator_steps, "search_keep": keep,
+                              "before": _fractions(names, before), "images": {"fresh": "fresh.png"},
+                              "concepts": {}, "not_drawn": {}}
     for c in sorted(CONCEPTS) if concepts is None else concepts:
         name = CONCEPTS[c]
         if before[c] < 0.002 or not (fit_seg == c).any():
             result["not_drawn"][name] = round(float(before[c]), 4)
             continue
         thresholds, iqr = iqr_thresholds(maps, fit_seg == c)
-        alpha = search_units(gen, seg, GEN_LAYER, c, z_fit)
+        alpha = search_units(gen, seg, GEN_LAYER, c, z_fit, keep=keep)
         order = alpha.argsort(descending=True)
         curve = {}
         for n in sorted({4, top_n, 16}):
