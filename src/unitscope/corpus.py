@@ -294,13 +294,15 @@ class Corpus:
                 last = doc
                 buf_t += ids
                 buf_d += [doc] * len(ids)
-            while len(buf_t) >= ctx_len:
+            at = 0  # windows are cut at `at` and the list trimmed once per batch (not a front delete per window)
+            while len(buf_t) - at >= ctx_len:
                 if index >= start:
-                    yield Window(np.asarray(buf_t[:ctx_len], dtype=np.int32),
-                                 np.asarray(buf_d[:ctx_len], dtype=np.int32),
+                    yield Window(np.asarray(buf_t[at:at + ctx_len], dtype=np.int32),
+                                 np.asarray(buf_d[at:at + ctx_len], dtype=np.int32),
                                  np.arange(ctx_len, dtype=np.int32))
                 index += 1
-                del buf_t[:ctx_len], buf_d[:ctx_len]
+                at += ctx_len
+            del buf_t[:at], buf_d[:at]
 
 
 PIECE_CHARS = 8000  # tokenize long documents in pieces, so a short recording never tokenizes a whole corpus

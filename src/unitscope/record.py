@@ -3,13 +3,21 @@
 Shard boundaries depend only on the arguments, never on when a run was interrupted, so a recording that
 is killed at any moment and run again with the same arguments ends with exactly the requested tokens:
 no window missing, none twice.
+
+The forward is the only work on the main thread: windows are tokenised ahead by one thread, and each shard is
+hashed and written by another while the next shard's forwards run (its manifest entry is added once the
+write is done, so a kill can lose an unlisted shard, which the rerun records again, never a listed one).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -20,6 +28,44 @@ from .corpus import Corpus
 from .errors import UnitscopeError
 from .store import Store
 from .subject import Subject
+
+T = TypeVar("T")
+_END = object()
+
+
+def prefetch(items: Iterator[T], depth: int = 64) -> Iterator[T]:
+    """`items`, produced by a background thread up to `depth` ahead (tokenising overlaps the forward); an
+    exception raised while producing is raised here, at the item where it happened."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_END)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    worker = threading.Thread(target=produce, name="unitscope-tokenise", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def store_identity(subject: Subject, corpus: Corpus, sites: Sequence[str], ctx_len: int) -> dict:
@@ -75,7 +121,7 @@ def record(subject: Subject, corpus: Corpus, sites: Sequence[str], tokens: int, 
         return store
     shard_windows = max(1, shard_tokens // ctx_len)
     total_windows = -(-tokens // ctx_len)
-    win_iter = corpus.windows(subject.tokenizer, ctx_len, start=store.n_windows)
+    win_iter = prefetch(corpus.windows(subject.tokenizer, ctx_len, start=store.n_windows))
     window_index = store.n_windows
 
     def take(n: int) -> list:
@@ -86,8 +132,21 @@ def record(subject: Subject, corpus: Corpus, sites: Sequence[str], tokens: int, 
                                  f"ask for at most {have * ctx_len} tokens or use a larger corpus")
         return got
 
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unitscope-write")
+    pending: Future | None = None  # the previous round's shard, being written while this round runs
+
+    def list_pending() -> None:
+        """Wait for the previous round's shard and list every rank's shard of that round in the manifest."""
+        nonlocal pending
+        if pending is None:
+            return
+        entry, pending = pending.result(), None
+        entries = distributed.all_gather_object(entry)
+        store.add_shards([e for e in entries if e is not None], write=rank == 0)
+
     bar = tqdm(total=tokens, initial=done, unit="tok", unit_scale=True, desc="record",
                disable=not progress or rank != 0)
+    shard_index, tokens_before_round = store.n_shards, store.n_tokens
     try:
         # a round is one shard per rank (one shard for a single process); rank r records shard r of each round,
         # every shard's windows and length depend only on the arguments, and rank 0 lists the round's shards
@@ -97,12 +156,12 @@ def record(subject: Subject, corpus: Corpus, sites: Sequence[str], tokens: int, 
                 first = window_index + sum(sizes)
                 if first < total_windows:
                     sizes.append(min(shard_windows, total_windows - first))
-            entry = None
+            job: tuple[Any, ...] | None = None
             for j, n_shard in enumerate(sizes):
                 if j != rank:
                     take(n_shard)  # another rank's windows: tokenised, not run
                     continue
-                tokens_before = store.n_tokens + sum(sizes[:j]) * ctx_len  # earlier shards of a round are full
+                tokens_before = tokens_before_round + sum(sizes[:j]) * ctx_len  # earlier shards are full
                 buf_tok, buf_doc, buf_pos = [], [], []
                 buf_acts: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
                 got = 0
@@ -119,16 +178,34 @@ def record(subject: Subject, corpus: Corpus, sites: Sequence[str], tokens: int, 
                     got += len(batch)
                     bar.update(min(len(batch) * ctx_len * len(sizes), tokens - bar.n))
                 keep = min(n_shard * ctx_len, tokens - tokens_before)
-                entry = store.write_shard(
-                    store.n_shards + j, np.concatenate(buf_tok)[:keep], np.concatenate(buf_doc)[:keep],
-                    np.concatenate(buf_pos)[:keep], {s: torch.cat(v)[:keep] for s, v in buf_acts.items()},
-                    windows=n_shard)
-            entries = distributed.all_gather_object(entry)
-            store.add_shards([e for e in entries if e is not None], write=rank == 0)
+                job = (shard_index + j, buf_tok, buf_doc, buf_pos, buf_acts, keep, n_shard)
+            list_pending()
+            pending = writer.submit(_write_shard, store, job) if job else _done(None)
+            shard_index += len(sizes)
+            tokens_before_round += sum(sizes) * ctx_len
             window_index += sum(sizes)
+        list_pending()
+    except BaseException:
+        if pending is not None and world == 1:
+            list_pending()  # keep the finished shard of the last complete round (a lone process needs no peers)
+        raise
     finally:
+        writer.shutdown(wait=True)
         bar.close()
     if rank == 0:
         store.finish(complete=True)
     distributed.barrier()
     return store if rank == 0 else Store.open(out)
+
+
+def _write_shard(store: Store, job: tuple[Any, ...]) -> dict[str, Any]:
+    index, buf_tok, buf_doc, buf_pos, buf_acts, keep, n_shard = job
+    return store.write_shard(index, np.concatenate(buf_tok)[:keep], np.concatenate(buf_doc)[:keep],
+                             np.concatenate(buf_pos)[:keep], {s: torch.cat(v)[:keep] for s, v in buf_acts.items()},
+                             windows=n_shard)
+
+
+def _done(value: Any) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
