@@ -1,5 +1,6 @@
 """Recording: several sites from one forward; a kill -9 at any moment resumes to the exact same store."""
 
+import itertools
 import os
 import signal
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from unitscope import Corpus, Store, record
@@ -60,3 +62,26 @@ def test_kill_9_then_rerun_gives_exactly_the_uninterrupted_store(tmp_path, tiny_
     for site in ("blocks.0.resid_post", "blocks.1.mlp_hidden"):
         for i in range(a.n_shards):
             assert torch.equal(a.acts(site, i), b.acts(site, i))
+
+
+def test_prefetch_keeps_order_raises_where_the_producer_failed_and_stops_when_abandoned():
+    import threading
+
+    from unitscope.record import prefetch
+
+    def failing():
+        yield from range(5)
+        raise ValueError("bad window")
+
+    it = prefetch(failing(), depth=2)
+    assert [next(it) for _ in range(5)] == list(range(5))
+    with pytest.raises(ValueError, match="bad window"):
+        next(it)
+
+    endless = prefetch(itertools.count(), depth=4)
+    assert [next(endless) for _ in range(10)] == list(range(10))
+    endless.close()  # the consumer stops early (a recording that is done): the producer thread must end
+    deadline = time.time() + 10
+    while time.time() < deadline and any(t.name == "unitscope-tokenise" for t in threading.enumerate()):
+        time.sleep(0.05)
+    assert not any(t.name == "unitscope-tokenise" for t in threading.enumerate())
