@@ -116,6 +116,14 @@ def test_baseline_lifts_errors_table_and_plot(sharp_subject, tmp_path):
         assert statistics.mean(_finite(at[d["best"]])) >= statistics.mean(_finite(at[d["other"]]))
         assert d["pairs"] == len(diffs) >= 6 and d["diff"] == pytest.approx(statistics.mean(diffs))
         assert d["se"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(len(diffs)))
+        by_concept = {}
+        for r_best in (r for r in rows if (r["kind"], r["target_kl"]) == (d["best"], d["target_kl"])):
+            r_other = next(r for r in rows if (r["kind"], r["target_kl"], r["concept"]) ==
+                           (d["other"], d["target_kl"], r_best["concept"]))
+            by_concept[r_best["concept"]] = statistics.mean(
+                _finite([a - b for a, b in zip(r_best["presence_each"], r_other["presence_each"])]))
+        assert d["concepts"] == len(by_concept) == 2
+        assert d["se_concepts"] == pytest.approx(statistics.stdev(by_concept.values()) / math.sqrt(2))
     # rows of a second run (another seed) pool: draws pair within a run, so the pairs double
     other = [{**r, "seed": 1, "presence_each": [v + (0.5 if r["kind"] == "topk" else 0.0) for v in r["presence_each"]]}
              for r in rows]
@@ -206,6 +214,7 @@ def test_the_judge_rates_every_generation_and_records_what_it_said(sharp_subject
     assert math.isnan(rating) and answer.startswith("error: ") and "HTTP 400" in answer
     assert [parse_rating(a) for a in ("Rating: [[2]]", "rating: 1", "Rating: [[3]]", "2")][:2] == [2.0, 1.0]
     assert math.isnan(parse_rating("Rating: [[3]]")) and math.isnan(parse_rating("2"))
+    assert math.isnan(parse_rating("Rating: 12")) and math.isnan(parse_rating("Rating: 1.5"))
 
 
 def test_the_judge_through_the_real_llama_cpp_server(server):  # noqa: F811

@@ -225,15 +225,21 @@ def summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         for key in ("presence", "lift", "perplexity", "judge"):
             each = _pooled(g, f"{key}_each")
             s[key], s[f"{key}_se"] = _mean(each), _se(each)
+        # generations the judge rated (a failed or unparseable answer is NaN, left out of the mean: say how many)
+        s["judge_n"] = sum(math.isfinite(v) for v in _pooled(g, "judge_each"))
+        s["generations"] = len(_pooled(g, "presence_each"))
         s["lift_se_concepts"] = _se([r["lift"] for r in g])
         out.append(s)
     return out
 
 
 def paired_differences(rows: Sequence[Mapping[str, Any]], key: str = "presence") -> list[dict[str, Any]]:
-    """At each target KL, the best dictionary by mean `key` against each other one: the mean and standard error
-    of the difference over the (concept, prompt, seed) draws both have (the same seeds for every kind). Rows of
-    runs with different seeds may be pooled: draws are matched by concept and run seed."""
+    """At each target KL, the best dictionary by mean `key` against each other one: the mean difference over the
+    (concept, prompt, seed) draws both have (the same seeds for every kind), with two standard errors: `se` treats
+    the draws as independent, `se_concepts` takes each concept's mean difference as one sample (draws of one
+    concept share its unit, alpha and detector, so this is the honest one when concepts differ). The best is
+    picked on the same draws (post hoc), so its lead is optimistic. Rows of runs with different seeds may be
+    pooled: draws are matched by concept and run seed."""
     by: dict[tuple, dict] = {}
     for r in rows:
         if r["error"] is None and r["kind"] != UNSTEERED:
@@ -247,9 +253,15 @@ def paired_differences(rows: Sequence[Mapping[str, Any]], key: str = "presence")
         for other in sorted(names):
             if other == best:
                 continue
-            diffs = [a - b for c, each in by[(target, best)].items() if c in by[(target, other)]
-                     for a, b in zip(each, by[(target, other)][c])]
+            per_draw: dict[str, list[float]] = {}  # concept -> paired differences (over prompts, seeds, runs)
+            for (concept, _seed), each in by[(target, best)].items():
+                if (concept, _seed) in by[(target, other)]:
+                    per_draw.setdefault(concept, []).extend(
+                        a - b for a, b in zip(each, by[(target, other)][(concept, _seed)]))
+            diffs = [d for ds in per_draw.values() for d in ds]
+            concept_means = [m for m in (_mean(ds) for ds in per_draw.values()) if math.isfinite(m)]
             out.append({"target_kl": target, "best": best, "other": other, "diff": _mean(diffs), "se": _se(diffs),
+                        "se_concepts": _se(concept_means), "concepts": len(concept_means),
                         "pairs": sum(math.isfinite(d) for d in diffs)})
     return out
 

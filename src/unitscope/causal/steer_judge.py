@@ -24,7 +24,7 @@ PROMPT_TEMPLATE = (
     "Answer with the rating alone, exactly in this form: Rating: [[N]]\n\n"
     "Concept: {concept}\n\n"
     "Text fragment:\n{text}\n")
-RATING = re.compile(r"rating\s*:\s*\[*\s*([0-2])\s*\]*", re.IGNORECASE)
+RATING = re.compile(r"rating\s*:\s*\[*\s*([0-2])(?![0-9.])\s*\]*", re.IGNORECASE)  # "Rating: 12" is no rating
 
 
 def parse_rating(answer: str) -> float:

@@ -113,7 +113,7 @@ def print_summary(rows) -> None:
                 f"{s['presence']:>7.3f} ± {s['presence_se']:<5.3f} {s['lift']:>7.3f} ± {s['lift_se']:<5.3f} "
                 f"{s['lift_se_concepts']:>13.3f} {s['perplexity']:>7.1f} ± {s['perplexity_se']:<5.1f}")
         if judged:
-            line += f" {s['judge']:>5.2f} ± {s['judge_se']:<5.2f}"
+            line += f" {s['judge']:>5.2f} ± {s['judge_se']:<5.2f} ({s['judge_n']}/{s['generations']} rated)"
         print(line + f" {s['reached']:>4}/{s['concepts']:<3}")
     print("presence: the concept's difference-in-means detector on the generated tokens (contrast texts 0, concept "
           "texts 1); lift: presence minus the unsteered model's on the same prompt and seed; ± one standard error "
@@ -121,7 +121,8 @@ def print_summary(rows) -> None:
           "perplexity of the generated tokens under the unsteered model"
           + ("; judge: the LLM judge's concept rating (0 absent, 2 fully present)" if judged else "")
           + "; reached: concepts whose target KL the direction reached")
-    print("best against the others, same concepts, prompts and seeds (presence difference ± standard error):")
+    print("best (picked on these draws) against the others, same concepts, prompts and seeds (presence difference "
+          "± standard error over draws; ± over per-concept means, the one to trust when concepts differ):")
     for d in paired_differences(rows):
         print(f"  KL {d['target_kl']:g}: {d['best']} - {d['other']} = {d['diff']:+.3f} ± {d['se']:.3f} "
-              f"({d['pairs']} pairs)")
+              f"({d['pairs']} pairs); ± {d['se_concepts']:.3f} over {d['concepts']} concepts")
