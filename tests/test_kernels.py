@@ -191,3 +191,19 @@ def test_bfloat16_backward_stays_close_to_a_dense_float32_reference():
         assert b.norm() > 0
         assert (a - b).norm() < 2e-2 * b.norm(), name
         assert ((a != 0) == (b != 0)).all() or name.startswith("b_dec"), name  # same sparsity pattern
+
+
+def test_a_forward_under_inference_mode_does_not_break_later_training_steps():
+    from unitscope.dictionaries.train import TrainConfig, build_dictionary
+
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for peek in (False, True):
+        sae = build_dictionary(TrainConfig(architecture="topk", n_units=64, k=4), 16, {"hook_name": "x"})
+        if peek:  # e.g. a held-out loss computed under inference mode between steps
+            with torch.inference_mode():
+                sae.training_forward(x)
+        sae.training_forward(x).loss.backward()
+        grads.append(sae.W_enc.grad.clone())
+        assert sae.W_enc.grad.stride() == sae.W_enc.stride()  # fused Adam needs the parameter's layout
+    assert torch.equal(grads[0], grads[1])

@@ -6,31 +6,40 @@ against the input), so the encoder weight gradient costs B*m*d instead of B*n*d.
 `sparse_decode` decodes (values, indices) through `embedding_bag`, whose backward is sparse as well.
 Both are checked against the dense computation in tests/test_kernels.py.
 
-The [B, n] pre-activations are written into one scratch buffer reused across steps: a fresh 150 MB tensor per
-step (B 4096, n 9216) is mmapped and page-faulted anew, which costs about as much as the topk. They are never
+The [B, n] pre-activations are written into a scratch buffer reused across steps (one per thread and shape):
+a fresh 150 MB tensor per step (B 4096, n 9216) is mmapped and page-faulted anew, which costs about as much as
+the topk. They are never
 saved for backward, so the next step may overwrite them. The encoder arrives as rows [n, d] (SAEs keep W_enc
 [d, n] as a transposed view of row-major storage), so neither the weight gradient nor the input gradient
-makes a copy of the weight.
+makes a transposed copy of the weight (a bf16 compute dtype still casts it once per step).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-_scratch: dict[tuple, torch.Tensor] = {}
+_local = threading.local()  # each thread its own buffers: two trainings in threads never share one
 
 
 def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A reusable buffer of this shape (one per shape, dtype and device); its contents are garbage."""
+    """A reusable buffer of this shape, dtype and device for this thread; its contents are garbage. One per shape,
+    so a sweep of widths stepping in turn keeps one each; `release_scratch` frees them when training ends."""
+    buffers = _local.__dict__.setdefault("buffers", {})
     key = (tuple(shape), dtype, str(device))
-    buf = _scratch.get(key)
+    buf = buffers.get(key)
     if buf is None:
-        _scratch.clear()  # one live buffer at a time: the batch shape rarely changes within a run
-        buf = _scratch[key] = torch.empty(shape, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor even if first made under inference mode
+            buf = buffers[key] = torch.empty(shape, dtype=dtype, device=device)
     return buf
+
+
+def release_scratch() -> None:
+    """Free this thread's buffers (called when a training ends)."""
+    _local.__dict__.pop("buffers", None)
 
 
 class _SelectEncode(torch.autograd.Function):

@@ -33,6 +33,7 @@ from ..errors import UnitscopeError
 from ..fs import is_url, mirror_dir
 from ..store import Store, part_bounds
 from .base import ARCHITECTURES, Dictionary
+from .kernels import release_scratch
 from .sae import SparseAutoencoder
 from .sources import LiveSource, StoreSource
 
@@ -137,6 +138,14 @@ def resolve_compute_dtype(name: str, device: str) -> torch.dtype | None:
     return torch.bfloat16 if fast else None
 
 
+def fused_adam_available(device: torch.device) -> bool:
+    """Fused Adam runs on CUDA, and on CPU from torch 2.4 (the supported range starts at 2.2)."""
+    if device.type == "cuda":
+        return True
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    return device.type == "cpu" and (major, minor) >= (2, 4)
+
+
 def lr_at(step: int, cfg: TrainConfig, d_in: int) -> float:
     warm = max(1, int(cfg.steps * cfg.warmup_frac))
     decay_start = int(cfg.steps * (1 - cfg.decay_frac))
@@ -183,7 +192,7 @@ class Trainer:
         self.sae = build_dictionary(cfg, d_in, metadata, d_out).to(self.device)
         # fused: one kernel per parameter instead of ~10 passes over each (CPU and CUDA); the state stays Adam's
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate_for(d_in), betas=(0.9, 0.999), eps=1e-8,
-                                    fused=torch.device(self.device).type in ("cpu", "cuda"))
+                                    fused=fused_adam_available(torch.device(self.device)))
         self.step = 0
         self.scale = 1.0
         self.out_scale = 1.0
@@ -458,6 +467,9 @@ class Trainer:
         """Remove the gradient's component along each (unit-norm) decoder row. Under no_grad: recorded by autograd,
         this edit chained every step's graph onto the last and held ~B x n floats per step (a leak of GBs)."""
         w, g = self.sae.W_dec, self.sae.W_dec.grad
+        enc = self.sae.W_enc
+        # fused Adam silently misapplies a gradient whose layout differs from its parameter's (W_enc is a view)
+        assert enc.grad is None or enc.grad.stride() == enc.stride(), "W_enc's gradient lost the parameter's layout"
         if g is not None:
             g.sub_((g * w).sum(1, keepdim=True) * w)
 
@@ -472,6 +484,7 @@ class Trainer:
 
     def finish(self, remove_checkpoints: bool = True) -> Dictionary:
         """Save the dictionary with its train.json (one atomic replacement), then drop the checkpoints."""
+        release_scratch()  # the step's reusable buffers are not needed once training ends
         final = self.sae
         final.fold_scaling(self.scale, self.out_scale)
         final.metadata["activation_scale_folded"] = self.scale
