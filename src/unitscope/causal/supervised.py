@@ -17,8 +17,9 @@ activation x of the last token).
   only) by editing x alone. Supervised: x + u_IO[v'] - u_IO[io]. Dictionary: set the k units with the largest
   |c_cf - c| * |decode row| to their counterfactual codes (error kept), k = 1, 2, 4, ... up to every unit
   that differs; a row is controlled when logit(v') > logit(io) after the edit; reported: the fraction
-  controlled and the mean smallest k over controlled rows (k doubles until a row is controlled, then bisection
-  between the last failing and the first working k, per row, all rows in one forward per step). The full
+  controlled and the mean k found over controlled rows (the smallest when control is monotone in k; k doubles
+  until a row is controlled, then bisection between the last failing and the first working k, per row, all rows
+  in one forward per step). The full
   counterfactual patch (x -> x_cf) is the ceiling. The supervised edit changes 2 features (its `control_k`).
 
 Every row also has the FVU of its reconstruction of the held-out x (variance about the fit rows' mean).
@@ -203,9 +204,10 @@ def _fvu(x: torch.Tensor, x_hat: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _smallest_k(order: torch.Tensor, n_diff: torch.Tensor, ct: torch.Tensor, c_cf: torch.Tensor,
                 try_codes) -> torch.Tensor:
-    """Per row, the smallest k (-1: none) for which setting its k highest-ranked units to their counterfactual codes
-    controls it: k doubles (all rows together) up to the row's number of differing units, then bisection between
-    the last failing and the first working k, each step one forward over the rows still open."""
+    """Per row, a k (-1: none) for which setting its k highest-ranked units to their counterfactual codes controls
+    it: k doubles (all rows together) up to the row's number of differing units, then bisection between the last
+    failing and the first working k, each step one forward over the rows still open. It is the smallest such k
+    when control is monotone in k; adding units can overshoot, and then it is a working k, not always the least."""
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
 
     def works(k: torch.Tensor) -> torch.Tensor:
