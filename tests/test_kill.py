@@ -1,4 +1,4 @@
-"""kill -9 at several points of `unitscope run` and `unitscope explain`; the rerun ends with the uninterrupted result.
+"""kill -9 at several points of `unitscope run`, `eval` and `explain`; the rerun ends with the uninterrupted result.
 
 Each kill lands while a given stage is running (read from run.json, as a user's monitor would), after a delay
 drawn from a seeded generator, so the points differ between stages and between kills but repeat between runs.
@@ -13,6 +13,7 @@ import sys
 import time
 
 import pyarrow.parquet as pq
+import pytest
 import torch
 from conftest import run_cli
 from safetensors.torch import load_file
@@ -63,11 +64,11 @@ def test_run_killed_in_every_stage_resumes_to_the_uninterrupted_result(tmp_path,
     rng = random.Random(6)
     root = tmp_path / "killed" / "default"
     landed = []
-    for stage in ("record", "record", "train", "train", "eval", "explain", "report"):
+    for stage in ("record", "record", "train", "train", "eval", "eval", "explain", "explain", "report"):
         proc = _popen([*args, "--runs-dir", tmp_path / "killed"])
         if _kill_when(proc, lambda s=stage: _stage_running(root, s), rng.uniform(0, 0.4)):
             landed.append(stage)
-    assert {"record", "train", "eval"} <= set(landed), landed  # the long stages were really interrupted
+    assert {"record", "train"} <= set(landed) and landed.count("eval") == 2, landed  # really interrupted
     final = run_cli(*args, "--runs-dir", tmp_path / "killed")
     assert final.returncode == 0, final.stderr
     state = json.loads((root / "run.json").read_text())
@@ -79,17 +80,62 @@ def test_run_killed_in_every_stage_resumes_to_the_uninterrupted_result(tmp_path,
     assert (root / "report" / DID / "index.html").is_file()
 
 
-def test_explain_killed_at_several_points_leaves_old_or_new_tables_then_finishes(tmp_path, tiny_model_dir):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir):
+    """A store and a dictionary trained on its first windows (eval and explain read both)."""
+    root = tmp_path_factory.mktemp("trained")
     base = ["--model", tiny_model_dir, "--site", "blocks.1.resid_post", "--ctx-len", "16", "--quiet"]
-    store, d = tmp_path / "store", tmp_path / "d"
+    store, d = root / "store", root / "d"
     assert run_cli("record", *base, "--tokens", "20000", "--out", store).returncode == 0
     p = run_cli("train", "--store", store, "--out", d, "--units", "512", "--k", "8", "--batch-size", "256",
                 "--train-tokens", "2560", "--quiet")
     assert p.returncode == 0, p.stderr
-    explain = ["explain", "--dictionary", d, "--store", store, "--top", "10", "--quiet"]
+    return store, d
+
+
+def _timed(*args):
     t0 = time.perf_counter()
-    assert run_cli(*explain, "--out", tmp_path / "ref").returncode == 0
-    took = time.perf_counter() - t0  # kills land between 30% and 95% of an uninterrupted explain
+    p = run_cli(*args)
+    assert p.returncode == 0, p.stderr
+    return time.perf_counter() - t0
+
+
+def test_eval_killed_at_several_points_keeps_the_old_result_then_finishes_to_the_uninterrupted_one(tmp_path,
+                                                                                                   trained):
+    store, d = trained
+    evaluate = ["eval", "--dictionary", d, "--store", store, "--eval-tokens", "512", "--eval-batch-size", "1",
+                "--quiet"]
+    took = _timed(*evaluate, "--out", tmp_path / "ref.json")  # kills land between 30% and 95% of it
+
+    def result(path):  # the whole record but what names this evaluation: its id, clock and geometry's timing
+        r = json.loads(path.read_text())
+        del r["eval_id"], r["datetime_epoch_millis"], r["geometry"]["seconds"]
+        return r
+
+    ref = result(tmp_path / "ref.json")
+    out = tmp_path / "killed.json"
+    older = ["eval", "--dictionary", d, "--store", store, "--eval-tokens", "128", "--quiet", "--out", out]
+    assert run_cli(*older).returncode == 0  # a result from before, which no kill may lose
+    old = out.read_bytes()
+    assert result(out) != ref
+    rng = random.Random(8)
+    landed = 0
+    for _ in range(3):
+        if _kill_when(_popen([*evaluate, "--out", out]), lambda: True, rng.uniform(0.3, 0.95) * took):
+            landed += 1
+            assert out.read_bytes() == old  # the kill lost nothing and wrote nothing half
+        else:  # it finished before the kill: the new result, whole
+            assert result(out) == ref
+            old = out.read_bytes()
+    assert landed >= 2
+    assert run_cli(*evaluate, "--out", out).returncode == 0
+    assert result(out) == ref
+
+
+def test_explain_killed_at_several_points_leaves_old_or_new_tables_then_finishes(tmp_path, trained):
+    store, d = trained
+    explain = ["explain", "--dictionary", d, "--store", store, "--top", "10", "--quiet"]
+    took = _timed(*explain, "--out", tmp_path / "ref")  # kills land between 30% and 95% of an uninterrupted explain
     ref = {n: pq.read_table(tmp_path / "ref" / f"{n}.parquet").to_pylist() for n in ("units", "examples")}
     out = tmp_path / "killed"
     rng = random.Random(7)
