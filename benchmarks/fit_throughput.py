@@ -84,21 +84,6 @@ def bench_rows(n: int, args: argparse.Namespace, feats: int, before) -> None:
         return f"recovered {r['frac_recovered']:.3f}  mean max cos {r['mean_max_cos']:.3f}"
 
     print(f"\n== {n} rows x {args.dims}", flush=True)
-    if "snmf" not in args.skip:
-        losses: list[float] = []
-        (F, _), wall, cpu = timed(lambda: fit_snmf(x, args.units, callback=lambda i, v: losses.append(v)))
-        print(line("semi-NMF now (fit_snmf defaults)", wall, cpu, f"{len(losses)} passes  {rec(F.t())}"),
-              flush=True)
-        if before is not None:
-            stamps: list[float] = []
-            t0 = time.perf_counter()
-            (F, _), wall, cpu = timed(lambda: before["snmf"].fit_snmf(
-                x, args.units, iters=args.before_passes, patience=10 ** 6,
-                callback=lambda i, v: stamps.append(time.perf_counter() - t0)))
-            per = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
-            print(line(f"semi-NMF {args.before} ({args.before_passes} passes)", wall, cpu,
-                       f"init + first pass {stamps[0]:.1f} s, then {per:.1f} s per pass; "
-                       f"{args.before_passes} passes: {rec(F.t())}"), flush=True)
     if "kmeans" not in args.skip:
         d, wall, cpu = timed(lambda: KMeans.fit(x, args.units, {}))
         print(line("k-means now (KMeans.fit)", wall, cpu,
@@ -121,6 +106,21 @@ def bench_rows(n: int, args: argparse.Namespace, feats: int, before) -> None:
                 c = torch.from_numpy(est.cluster_centers_)
                 print(line(label, wall, cpu, f"inertia {inertia(x, c):.5g}  {rec(c)}"), flush=True)
 
+    if "snmf" not in args.skip:
+        losses: list[float] = []
+        (F, _), wall, cpu = timed(lambda: fit_snmf(x, args.units, callback=lambda i, v: losses.append(v)))
+        print(line("semi-NMF now (fit_snmf defaults)", wall, cpu, f"{len(losses)} passes  {rec(F.t())}"),
+              flush=True)
+        if before is not None:
+            stamps: list[float] = []
+            t0 = time.perf_counter()
+            (F, _), wall, cpu = timed(lambda: before["snmf"].fit_snmf(
+                x, args.units, iters=args.before_passes, patience=10 ** 6,
+                callback=lambda i, v: stamps.append(time.perf_counter() - t0)))
+            per = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
+            print(line(f"semi-NMF {args.before} ({args.before_passes} passes)", wall, cpu,
+                       f"init + first pass {stamps[0]:.1f} s, then {per:.1f} s per pass; "
+                       f"{args.before_passes} passes: {rec(F.t())}"), flush=True)
 
 
 def main() -> None:
