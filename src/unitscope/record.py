@@ -5,8 +5,9 @@ is killed at any moment and run again with the same arguments ends with exactly 
 no window missing, none twice.
 
 The forward is the only work on the main thread: windows are tokenised ahead by one thread, and each shard is
-hashed and written by another while the next shard's forwards run (its manifest entry is added once the
-write is done, so a kill can lose an unlisted shard, which the rerun records again, never a listed one).
+hashed and written by another while the next shard's forwards run. A shard is listed in the manifest once its
+write is done (one process: at the next batch; under torchrun: after the next round, when the ranks exchange
+entries), so a kill can lose a written but unlisted shard, which the rerun records again, never a listed one.
 """
 
 from __future__ import annotations
@@ -39,20 +40,23 @@ def prefetch(items: Iterator[T], depth: int = 64) -> Iterator[T]:
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False  # the consumer has gone
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(_END)
+            put(_END)
         except BaseException as e:  # handed to the consumer
-            q.put(e)
+            put(e)
 
     worker = threading.Thread(target=produce, name="unitscope-tokenise", daemon=True)
     worker.start()
@@ -177,6 +181,8 @@ def record(subject: Subject, corpus: Corpus, sites: Sequence[str], tokens: int, 
                         buf_acts[s].append(acts[s].reshape(-1, acts[s].shape[-1]).cpu())
                     got += len(batch)
                     bar.update(min(len(batch) * ctx_len * len(sizes), tokens - bar.n))
+                    if world == 1 and pending is not None and pending.done():
+                        list_pending()  # one process lists a written shard at once: a kill loses one shard at most
                 keep = min(n_shard * ctx_len, tokens - tokens_before)
                 job = (shard_index + j, buf_tok, buf_doc, buf_pos, buf_acts, keep, n_shard)
             list_pending()
@@ -191,6 +197,7 @@ def record(subject: Subject, corpus: Corpus, sites: Sequence[str], tokens: int, 
         raise
     finally:
         writer.shutdown(wait=True)
+        win_iter.close()  # stops the tokenising thread now, not when the traceback's frames are collected
         bar.close()
     if rank == 0:
         store.finish(complete=True)
