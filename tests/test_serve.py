@@ -4,14 +4,12 @@ each with their sentence; concurrent requests give exactly their sequential answ
 
 import json
 import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, serving
 from test_report import tiny_run  # noqa: F401 -- the shared tiny run fixture
 
 from unitscope.dictionaries import load_dictionary
@@ -24,22 +22,9 @@ LIMITS = Limits(body_bytes=4096, text_tokens=64, new_tokens=8)
 
 @pytest.fixture(scope="module")
 def server(tiny_run, llama_subject):  # noqa: F811
-    import uvicorn
-
     app = create_app(tiny_run, llama_subject, LIMITS)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    try:
+    with serving(app) as port:
         yield f"http://127.0.0.1:{port}", port
-    finally:
-        srv.should_exit = True
-        thread.join(10)
 
 
 def block_output(subject, ids, edit=None):

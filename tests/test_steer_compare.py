@@ -6,12 +6,11 @@ the real llama-cpp-python server of test_label_server)."""
 import json
 import math
 import statistics
-import threading
-import time
 
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import serving
 from test_label_server import server  # noqa: F401 -- the real llama.cpp server fixture
 
 from unitscope import UnitscopeError
@@ -146,7 +145,6 @@ def stub_judge():
     """A Starlette stand-in for a chat endpoint with a known rule: the rating is the fragment's length mod 3,
     except that a fragment whose length is 3 mod 4 gets an answer with no rating; `/bad` refuses everything.
     It records the prompts it was sent."""
-    import uvicorn
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse
     from starlette.routing import Route
@@ -172,19 +170,8 @@ def stub_judge():
 
     app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/models", models),
                             Route("/bad/v1/chat/completions", bad, methods=["POST"]), Route("/bad/v1/models", models)])
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    try:
+    with serving(app) as port:
         yield f"http://127.0.0.1:{port}", seen, fragment
-    finally:
-        srv.should_exit = True
-        thread.join(10)
 
 
 def test_the_judge_rates_every_generation_and_records_what_it_said(sharp_subject, stub_judge):

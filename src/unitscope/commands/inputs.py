@@ -42,6 +42,31 @@ def subject_for_dictionary(args: argparse.Namespace, dictionary: Any):
     return subject
 
 
+def load_dictionaries(paths: list[str]) -> dict[str, Any]:
+    """Dictionaries by folder name (the full path where two folders share a name), in the order given."""
+    from pathlib import Path
+
+    from ..dictionaries import load_dictionary
+
+    out: dict[str, Any] = {}
+    for path in paths:
+        name = Path(path).name
+        out[name if name not in out else str(path)] = load_dictionary(path)
+    return out
+
+
+def subject_for_dictionaries(args: argparse.Namespace, dictionaries: dict[str, Any]):
+    """The one model every dictionary was trained on (see subject_for_dictionary), or `--model` (the default model
+    when there are no dictionaries); a dictionary of another model is refused by name."""
+    if not dictionaries:
+        return _load(args.model or "default", args.dtype or "float32", args.device)
+    subject = subject_for_dictionary(args, next(iter(dictionaries.values())))
+    for name, d in dictionaries.items():
+        check_same_model(subject, d.metadata.get("model_fingerprint"), d.metadata.get("model_name"),
+                         f"dictionary {name!r}")
+    return subject
+
+
 def check_same_model(subject: Any, fingerprint: str | None, name: str | None, owner: str) -> None:
     if fingerprint is not None:
         if subject.fingerprint() != fingerprint:

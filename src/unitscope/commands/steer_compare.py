@@ -57,8 +57,6 @@ def read_concepts(path: str) -> dict[str, list[str]]:
 def run(args: argparse.Namespace) -> int:
     from ..causal.steer import NEUTRAL_PROMPT
     from ..causal.steer_compare import steer_compare, write_steer_compare
-    from ..dictionaries import load_dictionary
-    from ..subject import load_subject
 
     out = options.output_dir(args.out)
     concepts = read_concepts(args.concepts)
@@ -71,20 +69,8 @@ def run(args: argparse.Namespace) -> int:
         from ..label import OpenAIEndpoint
 
         judge = ConceptJudge(OpenAIEndpoint(args.judge_endpoint, model=args.judge_model))
-    dictionaries = {}
-    for path in args.dictionary:
-        name = Path(path).name
-        if name in dictionaries:
-            name = str(path)
-        dictionaries[name] = load_dictionary(path)
-    if dictionaries:
-        first = next(iter(dictionaries.values()))
-        subject = inputs.subject_for_dictionary(args, first)
-        for name, d in dictionaries.items():
-            inputs.check_same_model(subject, d.metadata.get("model_fingerprint"), d.metadata.get("model_name"),
-                                    f"dictionary {name!r}")
-    else:
-        subject = load_subject(args.model or "default", dtype=args.dtype or "float32", device=args.device)
+    dictionaries = inputs.load_dictionaries(args.dictionary)
+    subject = inputs.subject_for_dictionaries(args, dictionaries)
     try:
         rows = steer_compare(subject, concepts, dictionaries, args.site, kl_targets=args.kl,
                              prompts=args.prompt or [NEUTRAL_PROMPT], negatives=negatives, n=args.n,

@@ -28,14 +28,9 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..causal.supervised import build_task, check_dictionary, format_table, supervised_checks, write_supervised
-    from ..dictionaries import load_dictionary
-    from ..subject import load_subject
 
     out = options.output_dir(args.out)
-    dictionaries = {}
-    for path in args.dictionary:
-        name = Path(path).name
-        dictionaries[name if name not in dictionaries else str(path)] = load_dictionary(path)
+    dictionaries = inputs.load_dictionaries(args.dictionary)
     own = sorted({d.input_site for d in dictionaries.values() if d.input_site})
     if len(own) > 1:
         raise UnitscopeError(f"the dictionaries were trained on different sites ({', '.join(own)}); give dictionaries "
@@ -43,14 +38,7 @@ def run(args: argparse.Namespace) -> int:
     site = args.site or (own[0] if own else None)
     if site is None:
         raise UnitscopeError("give --site: no dictionary names the site to edit")
-    if dictionaries:
-        first = next(iter(dictionaries.values()))
-        subject = inputs.subject_for_dictionary(args, first)
-        for name, d in dictionaries.items():
-            inputs.check_same_model(subject, d.metadata.get("model_fingerprint"), d.metadata.get("model_name"),
-                                    f"dictionary {name!r}")
-    else:
-        subject = load_subject(args.model or "default", dtype=args.dtype or "float32", device=args.device)
+    subject = inputs.subject_for_dictionaries(args, dictionaries)
     width = subject.width(site)  # an unknown site is one sentence, before any work
     for name, d in dictionaries.items():
         check_dictionary(name, d, site, width)
