@@ -15,7 +15,8 @@ features with a unit above cosine 0.9). Each fit runs in its own timer on the sa
   initialisation: the table gives its seconds per pass beside the new fit's whole time; a full old fit takes
   up to 50 passes (it stops when a pass lowers the objective by < 0.1%).
 - k-means: `KMeans.fit` now and before, scikit-learn's `KMeans` (k-means++, one init, Lloyd) and
-  `MiniBatchKMeans` (batch 4096) with their defaults otherwise. Needs `pip install scikit-learn`.
+  `MiniBatchKMeans` (batch 4096) with their defaults otherwise. scikit-learn is installed into this environment on
+  first use (`SKLEARN` below; it depends on numpy and scipy, never on torch).
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def bench_rows(n: int, args: argparse.Namespace, feats: int, before) -> None:
             print(line(f"k-means {args.before}", wall, cpu,
                        f"inertia {inertia(x, d.W_dec.detach()):.5g}  {rec(d.W_dec.detach())}"), flush=True)
         if "sklearn" not in args.skip:
+            ensure_sklearn()
             from sklearn.cluster import KMeans as SKKMeans
             from sklearn.cluster import MiniBatchKMeans
             from threadpoolctl import threadpool_limits
@@ -121,6 +123,18 @@ def bench_rows(n: int, args: argparse.Namespace, feats: int, before) -> None:
             print(line(f"semi-NMF {args.before} ({args.before_passes} passes)", wall, cpu,
                        f"init + first pass {stamps[0]:.1f} s, then {per:.1f} s per pass; "
                        f"{args.before_passes} passes: {rec(F.t())}"), flush=True)
+
+
+SKLEARN = "scikit-learn==1.9.1"
+
+
+def ensure_sklearn() -> None:
+    """The peer sets itself up: scikit-learn (pinned) into this interpreter's environment when it is missing."""
+    if importlib.util.find_spec("sklearn") is None:
+        print(f"installing the peer {SKLEARN} into this environment", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", SKLEARN],
+                       check=True)
+        importlib.invalidate_caches()
 
 
 def main() -> None:
