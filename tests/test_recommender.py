@@ -9,7 +9,14 @@ import torch
 from safetensors.torch import load_file
 
 from unitscope.dictionaries import load_dictionary
-from unitscope.worlds.recommender import GENRES, SequentialRecommender, hidden_states, make_catalogue, make_sequences
+from unitscope.worlds.recommender import (
+    GENRES,
+    SequentialRecommender,
+    hidden_states,
+    make_catalogue,
+    make_sequences,
+    transitions,
+)
 from unitscope.worlds.recsae import (
     chosen_on_fit,
     concept_scores,
@@ -21,17 +28,26 @@ from unitscope.worlds.recsae import (
 )
 
 
-def test_sequences_keep_each_preference_at_the_stated_rate():
-    cat = make_catalogue(seed=0)
-    seqs = make_sequences(cat, 400, length=30, loyalty=0.7, seed=0)
-    genre = cat.genre[seqs]
-    modal = np.array([np.bincount(g, minlength=len(GENRES)).argmax() for g in genre])
-    rate = (genre == modal[:, None]).mean()
-    assert abs(rate - (0.7 + 0.3 / len(GENRES))) < 0.02
-    price = cat.price[seqs]  # independent of genre: P(price = modal | genre = modal) is the marginal
-    pmodal = np.array([np.bincount(p, minlength=3).argmax() for p in price])
-    both = ((genre == modal[:, None]) & (price == pmodal[:, None])).mean()
-    assert abs(both - rate * (price == pmodal[:, None]).mean()) < 0.02
+def test_transitions_equal_the_stated_product_and_sequences_follow_them():
+    cat = make_catalogue(n_items=60, seed=0)
+    p = transitions(cat, keep_genre=0.8, keep_price=0.7)
+    assert np.allclose(p.sum(1), 1) and (np.diag(p) == 0).all()
+
+    def w(a: int, b: int) -> float:  # the unnormalised weight by hand, one factor per attribute
+        genres = np.prod([0.8 if cat.genres[a, g] == cat.genres[b, g] else 0.2 for g in range(len(GENRES))])
+        return genres * (0.7 if cat.price[a] == cat.price[b] else 0.15)
+
+    for i, j in [(0, 1), (5, 17), (42, 3)]:
+        assert abs(p[i, j] / p[i, 40] - w(i, j) / w(i, 40)) < 1e-9
+    assert cat.genres.any(1).all()  # every item has a genre
+    seqs = make_sequences(cat, 4000, length=6, seed=1, keep_genre=0.8, keep_price=0.7)
+    prev, nxt = seqs[:, :-1].reshape(-1), seqs[:, 1:].reshape(-1)
+    kept = (cat.genres[prev] == cat.genres[nxt]).mean(0)  # per genre: how often the next item agrees on it
+    expected = np.array([(p[prev] * (cat.genres[prev][:, None, g] == cat.genres[None, :, g])).sum(1).mean()
+                         for g in range(len(GENRES))])
+    assert np.abs(kept - expected).max() < 0.01
+    assert abs((cat.price[prev] == cat.price[nxt]).mean() - (p[prev] * (cat.price[prev][:, None] == cat.price)).sum(1)
+               .mean()) < 0.01
 
 
 def test_precision_recall_equal_brute_force():
@@ -80,20 +96,19 @@ def test_recsae_concepts_of_planted_latents():
     """Latent 0 is 'drama', latent 1 'premium drama' (a conjunction), latent 2 'premium' but only half of it,
     latent 3 fires at random: the concepts built from their top items and their scores follow the plant."""
     cat = make_catalogue(seed=0)
-    values = {"genre": cat.genre, "price": cat.price}
+    values = cat.attributes()
     items = np.random.default_rng(3).integers(0, cat.n_items, 6000)
-    drama, premium = cat.genre[items] == GENRES.index("drama"), cat.price[items] == 2
+    drama, premium = values["genre=drama"][items], values["price=premium"][items]
     half_premium = premium & (items % 2 == 0)
     noise = np.random.default_rng(4).random(6000)
     codes = np.stack([drama * 1.0, (drama & premium) * 2.0, half_premium * 1.0, noise], 1)
     concepts = latent_concepts(codes[:3000], items[:3000], values)
-    assert concepts[:3] == [{"genre": 2}, {"genre": 2, "price": 2}, {"price": 2}]
+    assert concepts[:3] == [["genre=drama"], ["genre=drama", "price=premium"], ["price=premium"]]
     own = concept_scores(codes[3000:], items[3000:], values, concepts)
     assert [(o["latent"], o["precision"], o["recall"]) for o in own[:2]] == [(0, 1.0, 1.0), (1, 1.0, 1.0)]
     half_share = half_premium[3000:].sum() / premium[3000:].sum()
     assert own[2]["precision"] == 1.0 and abs(own[2]["recall"] - half_share) < 1e-4
-    unions = union_scores(codes[3000:], concepts, {"genre=drama": drama[3000:], "price=premium": premium[3000:]},
-                          {"genre=drama": ("genre", 2), "price=premium": ("price", 2)})
+    unions = union_scores(codes[3000:], concepts, {"genre=drama": drama[3000:], "price=premium": premium[3000:]})
     assert unions["genre=drama"] == {"latents": [0, 1], "precision": 1.0, "recall": 1.0}
     p, r = precision_recall(((drama & premium) | half_premium)[3000:, None], premium[3000:])
     assert unions["price=premium"]["latents"] == [1, 2]
@@ -101,24 +116,28 @@ def test_recsae_concepts_of_planted_latents():
                                                                                          round(float(r[0]), 4))
 
 
-def test_demo_small(tmp_path):
+def test_demo_finds_a_latent_per_attribute_value(tmp_path):
+    """The issue's bar on the default demo: every attribute value has an SAE latent with precision and recall above
+    0.8 on held-out users (its threshold tuned on the other half; as they come, > 0, 7-11 of 11 pass over seeds 0-3,
+    docs/vision.md); and the figures are what the saved recommender and SAE give against the world's exact item
+    attributes."""
     torch.set_num_threads(1)
-    r = run_recommender_demo(tmp_path, n_users=800, sae_units=8, sae_k=2, sae_steps=300, rec_steps=200)
-    assert r["hit_rate_at_10"] > 5 * r["chance_hit_rate_at_10"]
-    for name, base in r["base_rates"].items():  # every attribute value has a unit well above its base rate
-        for kind in ("sae_latents", "sae_latents_tuned", "neurons"):
-            assert r[kind][name]["precision"] > 1.5 * base, (kind, name, r[kind][name], base)
-    # the figures are what the saved recommender and SAE give against the world's exact item attributes
+    r = run_recommender_demo(tmp_path)
+    assert r["hit_rate_at_10"] > 0.9 * r["best_hit_rate_at_10"] > 10 * r["chance_hit_rate_at_10"]
+    low = {k: v for k, v in r["sae_latents_tuned"].items() if not (v["precision"] > 0.8 and v["recall"] > 0.8)}
+    assert not low, low
+    units = [v["unit"] for v in r["sae_latents_tuned"].values()]
+    assert len(set(units)) == len(units)  # one latent per value, not one latent for several
     cat = make_catalogue(seed=0)
     held = make_sequences(cat, 1000, seed=1)
     model = SequentialRecommender(cat.n_items)
     model.load_state_dict(load_file(tmp_path / "recommender.safetensors"))
-    h = hidden_states(model, held).reshape(1000, 20, -1)[:, 4:].reshape(-1, 64)
+    h = hidden_states(model, held).reshape(1000, 20, -1)[:, 1:].reshape(-1, 64)
     sae = load_dictionary(str(tmp_path / "sae"))
     with torch.no_grad():
         codes = sae.encode(h).numpy()
-    items = held[:, 4:].reshape(-1)
-    half = 500 * 16
+    items = held[:, 1:].reshape(-1)
+    half = 500 * 19
     for name, truth in cat.attributes().items():
         c = truth[items]
         unit = r["sae_latents"][name]["unit"]
@@ -128,12 +147,30 @@ def test_demo_small(tmp_path):
         fit_p, fit_r = precision_recall(codes[:half] > 0, c[:half])  # and that unit is the fit rows' best F1
         f1 = 2 * fit_p * fit_r / np.maximum(fit_p + fit_r, 1e-12)
         assert f1[unit] == f1.max()
-    values = {"genre": cat.genre, "price": cat.price}
+    values = cat.attributes()
     concepts = latent_concepts(codes[:half], items[:half], values)
     assert r["latent_concepts"] == concept_scores(codes[half:], items[half:], values, concepts)
     mix = r["latent_mix"]
-    assert len(mix) == 8 and all(abs(sum(m["genre"].values()) - 1) < 0.01 for m in mix if m["fires"] > 0)
-    assert [m["fires"] for m in mix] == [round(float(v), 4) for v in (codes > 0).mean(0)]
+    assert len(mix) == 12 and [m["fires"] for m in mix] == [round(float(v), 4) for v in (codes > 0).mean(0)]
+    on = codes[:, units[0]] > 0
+    assert mix[units[0]]["shares"]["genre=action"] == round(float(values["genre=action"][items][on].mean()), 3)
+
+
+def test_a_held_decoder_bias_stays_at_its_start(tmp_path):
+    """`fixed_decoder_bias`: b_dec ends where the Trainer starts it, the geometric median of the first four batches
+    (recomputed here from the same batches); trained, it moves away."""
+    from unitscope.dictionaries.train import geometric_median
+    from unitscope.vision.rows import RowSource, train_on_rows
+
+    rows = torch.randn(2048, 8) + torch.linspace(-2, 3, 8)
+    held = train_on_rows(rows, str(tmp_path / "held"), n_units=16, k=2, steps=40, fixed_decoder_bias=True)
+    free = train_on_rows(rows, str(tmp_path / "free"), n_units=16, k=2, steps=40)
+    it = RowSource(rows, 256, seed=0).batches(0)
+    x = torch.cat([next(it)[0] for _ in range(4)])
+    scale = float((x.shape[1] / x.pow(2).sum(1).mean()) ** 0.5)
+    start = geometric_median(x * scale) / scale
+    assert torch.allclose(held.b_dec.detach(), start, atol=1e-5)
+    assert (free.b_dec.detach() - start).norm() > 0.05
 
 
 def test_cli_refuses_bad_input_in_one_sentence(tmp_path, capsys):
@@ -141,9 +178,12 @@ def test_cli_refuses_bad_input_in_one_sentence(tmp_path, capsys):
 
     afile = tmp_path / "afile"
     afile.write_text("keep me")
-    cases = [(["--demo", "--out", str(afile)], "is a file"), (["--demo", "--k", "9", "--out", str(tmp_path / "o")],
-                                                               "larger than --units 8"),
-             (["--out", str(tmp_path / "o")], "pass --demo")]
+    out = str(tmp_path / "o")
+    cases = [(["--demo", "--out", str(afile)], "is a file"),
+             (["--demo", "--k", "13", "--out", out], "--k 13 is larger than --units 12"),
+             (["--demo", "--architecture", "pca", "--out", out], "--architecture 'pca' is not an SAE kind"),
+             (["--demo", "--architecture", "topk", "--k", "2.5", "--out", out], "--k 2.5 is not a whole number"),
+             (["--out", out], "pass --demo")]
     for argv, words in cases:
         assert main(["recommender", *argv]) == 2
         err = capsys.readouterr().err

@@ -71,12 +71,19 @@ class RowSource:
 
 def train_on_rows(rows: torch.Tensor, out: str, architecture: str = "topk", n_units: int = 64, k: int = 4,
                   steps: int = 500, batch_size: int = 256, seed: int = 0, site: str = "rows",
-                  metadata: dict[str, Any] | None = None, **extra: Any):
-    """Train a dictionary of any trainable kind on in-memory rows with the project's Trainer; returns it."""
+                  metadata: dict[str, Any] | None = None, fixed_decoder_bias: bool = False, **extra: Any):
+    """Train a dictionary of any trainable kind on in-memory rows with the project's Trainer; returns it.
+
+    `fixed_decoder_bias` holds b_dec at its start (the rows' geometric median): when every row has exactly one
+    value of a categorical attribute, a trained b_dec moves onto one value and that value gets no unit of its own
+    (measured in docs/vision.md, RecSAE)."""
     from ..dictionaries.train import TrainConfig, Trainer
 
     cfg = TrainConfig(architecture=architecture, n_units=n_units, k=k, batch_size=batch_size,
                       train_tokens=steps * batch_size, seed=seed, checkpoint_every=10**9, compute_dtype="float32",
                       extra=extra)
-    return Trainer(RowSource(rows, batch_size, seed, metadata), site, cfg, out, progress=False).run()
+    trainer = Trainer(RowSource(rows, batch_size, seed, metadata), site, cfg, out, progress=False)
+    if fixed_decoder_bias:  # a zero gradient: Adam's moments stay 0 and so does every update
+        trainer.sae.b_dec.register_hook(torch.zeros_like)
+    return trainer.run()
 

@@ -1,8 +1,8 @@
 """RecSAE on the synthetic catalogue: an SAE on the recommender's hidden states, each latent scored against the
 item attributes, beside the raw neurons.
 
-A row is a sequence position from the fifth item on (`skip` = 4: before that a user's preferences are barely
-visible); its concepts are the attributes of the item just read (the world's exact item attributes). The held-out
+A row is a sequence position from the second item on (`skip` = 1); its concepts are the attributes of the item
+just read (the world's exact item attributes), which is all the next item depends on. The held-out
 users are split in two: on the first half ("fit") each unit gets its threshold and each attribute value its unit,
 on the second half ("test") that unit's precision = P(concept | fires) and recall = P(fires | concept) are measured.
 A unit fires when its value is beyond a threshold chosen on the fit rows to maximise F1: either sign for raw
@@ -20,7 +20,9 @@ import torch
 from safetensors.torch import save_file
 
 from ..vision.rows import train_on_rows
-from .recommender import GENRES, PRICES, hidden_states, hit_rate, make_catalogue, make_sequences, train_recommender
+from .recommender import best_hit_rate, hidden_states, hit_rate, make_catalogue, make_sequences, train_recommender
+
+FRACTIONAL_K = {"jumprelu", "standard"}  # kinds whose k is a target L0, not a count
 
 
 def precision_recall(fires: np.ndarray, concept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -83,25 +85,25 @@ def score_units(fit: np.ndarray, test: np.ndarray, fit_concepts: dict[str, np.nd
     return out
 
 
-def latent_mix(codes: np.ndarray, genre: np.ndarray, price: np.ndarray) -> list[dict[str, Any]]:
-    """Per latent: how often it fires (> 0) and the share of each genre and price band among the rows where it
-    does; a latent that is one attribute value has one share near 1 and the other attribute spread evenly."""
+def latent_mix(codes: np.ndarray, concepts: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Per latent: how often it fires (> 0) and, among the rows where it does, the share on which each attribute
+    value holds (rows' concepts: name -> (rows,) bool); a latent that is one value has that share near 1 and the
+    others near their base rates."""
     out = []
     for u in range(codes.shape[1]):
         on = codes[:, u] > 0
         n = max(int(on.sum()), 1)
         out.append({"latent": u, "fires": round(float(on.mean()), 4),
-                    "genre": {g: round(float((genre[on] == i).sum() / n), 3) for i, g in enumerate(GENRES)},
-                    "price": {p: round(float((price[on] == i).sum() / n), 3) for i, p in enumerate(PRICES)}})
+                    "shares": {name: round(float(c[on].sum() / n), 3) for name, c in concepts.items()}})
     return out
 
 
-def latent_concepts(fit_codes: np.ndarray, fit_items: np.ndarray, item_values: dict[str, np.ndarray],
-                    top: int = 20, purity: float = 0.8) -> list[dict[str, int]]:
+def latent_concepts(fit_codes: np.ndarray, fit_items: np.ndarray, item_concepts: dict[str, np.ndarray],
+                    top: int = 20, purity: float = 0.8) -> list[list[str]]:
     """RecSAE's concept per latent, with the world's attributes in place of its LLM summary: the `top` distinct
-    items on which the latent is highest (fit rows, code > 0); each attribute whose one value holds for at least
-    `purity` of them enters the concept, so a concept may be one value ("drama") or a conjunction ("premium
-    drama"); an empty dict: no concept. item_values: attribute -> (n_items,) value index."""
+    items on which the latent is highest (fit rows, code > 0); each attribute value that holds for at least `purity`
+    of them enters the concept, so a concept may be one value ("drama") or a conjunction ("premium drama"); an empty
+    list: no concept. item_concepts: value name -> (n_items,) bool."""
     out = []
     for u in range(fit_codes.shape[1]):
         seen: list[int] = []
@@ -110,36 +112,31 @@ def latent_concepts(fit_codes: np.ndarray, fit_items: np.ndarray, item_values: d
                 break
             if fit_items[i] not in seen:
                 seen.append(int(fit_items[i]))
-        concept = {}
-        for attr, values in item_values.items():
-            counts = np.bincount(values[seen]) if seen else np.zeros(1, int)
-            if seen and counts.max() >= purity * len(seen):
-                concept[attr] = int(counts.argmax())
-        out.append(concept)
+        out.append([name for name, holds in item_concepts.items() if seen and holds[seen].mean() >= purity])
     return out
 
 
-def concept_scores(codes: np.ndarray, items: np.ndarray, item_values: dict[str, np.ndarray],
-                   concepts: list[dict[str, int]]) -> list[dict[str, Any]]:
+def concept_scores(codes: np.ndarray, items: np.ndarray, item_concepts: dict[str, np.ndarray],
+                   concepts: list[list[str]]) -> list[dict[str, Any]]:
     """Each latent with a concept: precision/recall (fires when > 0) against its own concept on these rows."""
     out = []
     for u, concept in enumerate(concepts):
         if concept:
-            holds = np.logical_and.reduce([item_values[a][items] == v for a, v in concept.items()])
+            holds = np.logical_and.reduce([item_concepts[name][items] for name in concept])
             p, r = precision_recall(codes[:, [u]] > 0, holds)
             out.append({"latent": u, "concept": concept, "precision": round(float(p[0]), 4),
                         "recall": round(float(r[0]), 4)})
     return out
 
 
-def union_scores(codes: np.ndarray, concepts: list[dict[str, int]], test_concepts: dict[str, np.ndarray],
-                 names: dict[str, tuple[str, int]]) -> dict[str, dict[str, Any]]:
+def union_scores(codes: np.ndarray, concepts: list[list[str]],
+                 test_concepts: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
     """Per attribute value, the latents whose concept includes it taken together (any of them > 0): an SAE that
     splits a value across several latents still carries it, just not in one latent."""
     out = {}
-    for name, (attr, v) in names.items():
-        group = [u for u, c in enumerate(concepts) if c.get(attr) == v]
-        p, r = precision_recall((codes[:, group] > 0).any(1, keepdims=True), test_concepts[name])
+    for name, truth in test_concepts.items():
+        group = [u for u, c in enumerate(concepts) if name in c]
+        p, r = precision_recall((codes[:, group] > 0).any(1, keepdims=True), truth)
         out[name] = {"latents": group, "precision": round(float(p[0]), 4), "recall": round(float(r[0]), 4)}
     return out
 
@@ -148,14 +145,16 @@ def passing(best: dict[str, dict[str, Any]], bar: float = 0.8) -> int:
     return sum(v["precision"] > bar and v["recall"] > bar for v in best.values())
 
 
-def run_recommender_demo(out: str | Path, n_users: int = 3000, seed: int = 0, sae_units: int = 8, sae_k: int = 2,
-                         sae_steps: int = 1500, rec_steps: int = 400, skip: int = 4) -> dict[str, Any]:
-    """Train the world's recommender (saved as OUT/recommender.safetensors) and a TopK SAE on its hidden states
-    (OUT/sae); score both on held-out users drawn with seed + 1."""
+def run_recommender_demo(out: str | Path, n_users: int = 3000, seed: int = 0, architecture: str = "jumprelu",
+                         sae_units: int = 12, sae_k: float = 3.4, sae_steps: int = 1500, rec_steps: int = 1000,
+                         skip: int = 1, fixed_decoder_bias: bool = True, rec_weight_decay: float = 1.0
+                         ) -> dict[str, Any]:
+    """Train the world's recommender (saved as OUT/recommender.safetensors) and an SAE on its hidden states
+    (OUT/sae; any trainable kind, `sae_k` its k or target L0); score both on held-out users drawn with seed + 1."""
     out = Path(out)
     cat = make_catalogue(seed=seed)
     seqs = make_sequences(cat, n_users, seed=seed)
-    model = train_recommender(seqs, cat.n_items, steps=rec_steps, seed=seed)
+    model = train_recommender(seqs, cat.n_items, steps=rec_steps, seed=seed, weight_decay=rec_weight_decay)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".recommender.safetensors.tmp"
     save_file(model.state_dict(), str(tmp))
@@ -166,11 +165,14 @@ def run_recommender_demo(out: str | Path, n_users: int = 3000, seed: int = 0, sa
         h = hidden_states(model, s)
         return h.reshape(len(s), s.shape[1], -1)[:, skip:].reshape(-1, h.shape[-1])
 
-    sae = train_on_rows(rows(seqs), str(out / "sae"), n_units=sae_units, k=sae_k, steps=sae_steps, batch_size=512,
-                        seed=seed, site="gru:output")
+    k = sae_k if architecture in FRACTIONAL_K else int(sae_k)
+    sae = train_on_rows(rows(seqs), str(out / "sae"), architecture=architecture, n_units=sae_units, k=k,
+                        steps=sae_steps, batch_size=512, seed=seed, site="gru:output",
+                        fixed_decoder_bias=fixed_decoder_bias)
     h = rows(held)
     items = held[:, skip:].reshape(-1)
-    attrs = {k: v[items] for k, v in cat.attributes().items()}
+    item_concepts = cat.attributes()
+    attrs = {k: v[items] for k, v in item_concepts.items()}
     half = (len(held) // 2) * (held.shape[1] - skip)  # rows of the first half of the held-out users
     fit_c, test_c = {k: v[:half] for k, v in attrs.items()}, {k: v[half:] for k, v in attrs.items()}
     with torch.no_grad():
@@ -180,23 +182,45 @@ def run_recommender_demo(out: str | Path, n_users: int = 3000, seed: int = 0, sa
     sae_raw = {k: chosen_on_fit(codes[:half] > 0, codes[half:] > 0, fit_c[k], test_c[k]) for k in attrs}
     sae_tuned = score_units(codes[:half], codes[half:], fit_c, test_c, both_signs=False)
     neurons = score_units(hn[:half], hn[half:], fit_c, test_c, both_signs=True)
-    values = {"genre": cat.genre, "price": cat.price}
-    concepts = latent_concepts(codes[:half], items[:half], values)
-    names = {f"genre={g}": ("genre", i) for i, g in enumerate(GENRES)}
-    names.update({f"price={p}": ("price", i) for i, p in enumerate(PRICES)})
-    own = concept_scores(codes[half:], items[half:], values, concepts)
-    return {"hit_rate_at_10": round(hit_rate(model, held), 4), "chance_hit_rate_at_10": round(10 / cat.n_items, 4),
-            "sae": {"units": sae_units, "k": sae_k, "steps": sae_steps, "held_out_fvu": round(fvu, 4),
-                    "dead_latents": int(((codes > 0).sum(0) == 0).sum()),
-                    "decoder_bias_distance_to_mean": round(float((sae.b_dec.detach() - h.mean(0)).norm()), 3)},
-            "rows_from_position": skip,
+    concepts = latent_concepts(codes[:half], items[:half], item_concepts)
+    own = concept_scores(codes[half:], items[half:], item_concepts, concepts)
+    unions = union_scores(codes[half:], concepts, test_c)
+    return {"hit_rate_at_10": round(hit_rate(model, held), 4),
+            "best_hit_rate_at_10": round(best_hit_rate(cat, held), 4),
+            "chance_hit_rate_at_10": round(10 / cat.n_items, 4),
+            "sae": {"architecture": architecture, "units": sae_units, "k": k, "steps": sae_steps,
+                    "fixed_decoder_bias": fixed_decoder_bias, "held_out_fvu": round(fvu, 4),
+                    "l0": round(float((codes > 0).sum(1).mean()), 3),
+                    "dead_latents": int(((codes > 0).sum(0) == 0).sum())},
+            "recommender": {"steps": rec_steps, "weight_decay": rec_weight_decay}, "rows_from_position": skip,
             "base_rates": {k: round(float(v.mean()), 4) for k, v in test_c.items()},
             "sae_latents": sae_raw, "sae_latents_tuned": sae_tuned, "neurons": neurons,
-            "latent_mix": latent_mix(codes, cat.genre[items], cat.price[items]),
+            "latent_mix": latent_mix(codes, attrs),
             "latent_concepts": own, "latents_above_0.8_for_their_concept": passing({str(i): v for i, v in
                                                                                    enumerate(own)}),
-            "sae_latent_unions": (unions := union_scores(codes[half:], concepts, test_c, names)),
+            "sae_latent_unions": unions,
             "attributes": len(attrs), "attributes_with_a_latent_above_0.8": passing(sae_raw),
             "attributes_with_a_tuned_latent_above_0.8": passing(sae_tuned),
             "attributes_with_a_neuron_above_0.8": passing(neurons),
             "attributes_with_a_latent_union_above_0.8": passing(unions)}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Per attribute value: precision / recall of the best SAE latent as it comes (> 0), with its threshold tuned,
+    and of the best raw neuron (tuned), as `unitscope recommender` prints them."""
+    cols = [("SAE latent (> 0)", "sae_latents"), ("SAE latent, tuned", "sae_latents_tuned"),
+            ("neuron, tuned", "neurons")]
+    lines = [f"{'attribute value':<22}" + "".join(f"{name:>22}" for name, _ in cols)]
+    for value in result["base_rates"]:
+        cells = []
+        for _, key in cols:
+            r = result[key][value]
+            mark = "*" if r["precision"] > 0.8 and r["recall"] > 0.8 else " "
+            unit = f"u{r['unit']}{'-' if r.get('sign') == '-' else ''}"
+            cells.append(f"{r['precision']:.3f} / {r['recall']:.3f} {unit:<5}{mark}".rjust(22))
+        lines.append(f"{value:<22}" + "".join(cells))
+    lines.append(f"{'values above 0.8/0.8':<22}" + "".join(
+        f"{n} of {result['attributes']}".rjust(22) for n in (result["attributes_with_a_latent_above_0.8"],
+                                                             result["attributes_with_a_tuned_latent_above_0.8"],
+                                                             result["attributes_with_a_neuron_above_0.8"])))
+    return "\n".join(lines)
