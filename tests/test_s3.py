@@ -22,6 +22,8 @@ import s3fs
 import safetensors.torch
 import torch
 from conftest import run_cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from unitscope.cli import main
@@ -135,6 +137,12 @@ def small_store(tmp_path_factory, tiny_model_dir):
     return out
 
 
+def _saved(fs, url_path, name):
+    """The bytes of file `name` of the dictionary saved at bucket path `url_path` (the version its pointer names)."""
+    vid = json.loads(fs.cat_file(f"{url_path}/current.json"))["version"]
+    return fs.cat_file(f"{url_path}/.versions/{vid}/{name}")
+
+
 def _same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -149,8 +157,8 @@ def test_dictionaries_trained_to_s3_are_the_local_ones_and_eval_and_explain_read
                      "--out", f"{out}/pca", "--quiet"]) == 0
     for did in ("topk-64-k2", "topk-64-k4", "pca"):
         for name in ("cfg.json", "sae_weights.safetensors"):  # the objects are the local files, byte for byte
-            assert fs.cat_file(f"bucket/dicts/{did}/{name}") == (tmp_path / "local" / did / name).read_bytes()
-        remote = json.loads(fs.cat_file(f"bucket/dicts/{did}/train.json")) if did != "pca" else None
+            assert _saved(fs, f"bucket/dicts/{did}", name) == (tmp_path / "local" / did / name).read_bytes()
+        remote = json.loads(_saved(fs, f"bucket/dicts/{did}", "train.json")) if did != "pca" else None
         if remote is not None:
             assert remote["steps"] == 20 and remote["config"]["k"] == int(did[-1])
         assert not list((tmp_path / "local").glob(f".{did}.checkpoint"))  # none left behind
@@ -176,61 +184,189 @@ def _weights_of(d):
     return {k: v.clone() for k, v in d.state_dict().items()}
 
 
-def test_a_reader_never_sees_half_a_dictionary_on_s3(s3, monkeypatch):
-    """At every object operation of a save over an older dictionary, a reader gets the old one, the new one or a
-    refusal; a save that lands between a reader's reads of cfg.json makes it read again, never mix the two."""
-    from unitscope.dictionaries import load_dictionary
+def _pair(url_seed=0):
+    """Two TopK SAEs with other weights and another cfg.json (k), at one site."""
     from unitscope.dictionaries.sae import TopKSAE
+
+    torch.manual_seed(url_seed)
+    old, new = TopKSAE(16, 32, k=2), TopKSAE(16, 32, k=3)
+    old.metadata["hook_name"] = new.metadata["hook_name"] = "blocks.0.resid_post"
+    return old, new
+
+
+def _which(url, old, new):
+    """'old', 'new', 'mixed' (loaded but neither, bit for bit) or 'refused: ...' for the dictionary at `url`."""
+    from unitscope.dictionaries import load_dictionary
     from unitscope.errors import UnitscopeError
 
-    fs, _ = s3
-    torch.manual_seed(0)
-    old, new = TopKSAE(16, 32, k=2), TopKSAE(16, 32, k=3)  # other weights and another cfg.json
-    old.metadata["hook_name"] = new.metadata["hook_name"] = "blocks.0.resid_post"
-    url = "s3://bucket/swap"
-    old.save(url, extra={"train.json": {"old": True}})
-    seen = []
+    try:
+        d = load_dictionary(url)
+    except UnitscopeError as e:
+        return "refused: " + str(e)
+    w = _weights_of(d)
+    for tag, ref in (("old", old), ("new", new)):
+        if d.k == ref.k and _same_weights(w, _weights_of(ref)):
+            return tag
+    return "mixed"
 
-    def read():
-        try:
-            d = load_dictionary(url)
-        except UnitscopeError as e:
-            return "refused: " + str(e)
-        w = _weights_of(d)
-        for tag, ref in (("old", old), ("new", new)):
-            if d.k == ref.k and _same_weights(w, _weights_of(ref)):
-                return tag
-        return "mixed"
 
-    def watched(method):
-        real = getattr(fs, method)
-
-        def op(*a, **kw):
-            seen.append(read())
-            return real(*a, **kw)
-        return op
-
-    with monkeypatch.context() as m:
-        for method in ("put_file", "rm_file"):
-            m.setattr(fs, method, watched(method))
-        new.save(url)
-    seen.append(read())
-    assert "mixed" not in seen and seen[0] == "old" and seen[-1] == "new", seen
-    assert any(s.startswith("refused: 's3://bucket/swap' is not a dictionary directory") for s in seen), seen
-    assert not fs.exists("bucket/swap/train.json")  # the old dictionary's files are gone with it
-    # a save that completes while a reader fetches: the reader's second look at cfg.json sees it and reads again
+def test_a_reader_sees_the_old_or_the_new_dictionary_at_every_step_of_a_save_on_s3(s3, tmp_path, monkeypatch):
+    """Over plain files another tool wrote (the SAELens layout, no pointer) and then over a versioned save: at every
+    object operation of the save, a reader loads the old dictionary or the new one, bit for bit, never a refusal
+    and never a mix; the replaced files go once the pointer has moved."""
     import unitscope.fs as ufs
 
-    real_fetch, calls = ufs._fetch_all, []
+    fs, _ = s3
+    old, new = _pair()
+    url = "s3://bucket/swap"
+    old.save(tmp_path / "plain", extra={"train.json": {"old": True}})  # uploaded as plain files, as by another tool
+    for f in (tmp_path / "plain").iterdir():
+        fs.put_file(str(f), f"bucket/swap/{f.name}")
+    assert _which(url, old, new) == "old"  # plain files still load
+    for before, after in ((old, new), (new, old)):
+        seen, ops = [], []
 
-    def fetch_during_save(*a, **kw):
+        def watched(method, real, ops=ops, seen=seen, before=before, after=after):
+            def op(*a, **kw):
+                ops.append(method)
+                seen.append(_which(url, before, after))
+                return real(*a, **kw)
+            return op
+
+        with monkeypatch.context() as m:
+            for method in ("put_file", "pipe_file", "rm_file", "rm"):
+                m.setattr(fs, method, watched(method, getattr(fs, method)))
+            after.save(url)
+        seen.append(_which(url, before, after))
+        assert set(seen) == {"old", "new"} and seen[0] == "old" and seen[-1] == "new", seen
+        assert seen.index("new") == ops.index("pipe_file") + 1 and len(ops) >= 4, (seen, ops)  # the pointer's PUT
+        versions = fs.ls("bucket/swap/.versions")
+        assert len(versions) == 1  # the replaced version is gone
+    assert not fs.exists("bucket/swap/cfg.json") and not fs.exists("bucket/swap/train.json")  # the plain files too
+    # a save that moves the pointer (and drops the version) while a reader downloads it: the reader reads again
+    real_get, calls = ufs._get_version, []
+
+    def get_during_save(*a, **kw):
         calls.append(1)
         if len(calls) == 1:
-            old.save(url)
-        return real_fetch(*a, **kw)
+            new.save(url)
+        return real_get(*a, **kw)
 
-    monkeypatch.setattr(ufs, "_fetch_all", fetch_during_save)
-    assert read() == "old" and len(calls) == 2  # (it started with the new cfg.json: the retry gives the old)
+    monkeypatch.setattr(ufs, "_get_version", get_during_save)
+    assert _which(url, old, new) == "new" and len(calls) == 2  # it began with old's pointer: the retry gives new
+
+
+SAVER = """
+import sys, torch
+from unitscope.dictionaries.sae import TopKSAE
+torch.manual_seed(0)
+old, new = TopKSAE(16, 32, k=2), TopKSAE(16, 32, k=3)
+new.metadata["hook_name"] = "blocks.0.resid_post"
+print("saving", flush=True)
+new.save(sys.argv[1], extra={"train.json": {"new": True}})
+print("saved", flush=True)
+"""
+
+
+def test_a_save_to_s3_killed_at_any_point_leaves_the_old_or_the_new_dictionary(s3, tmp_path):
+    """kill -9 of a saving process (it pauses 0.25 s after each object) once 0, 1, 2 and 3 of its files are
+    uploaded, once its pointer has moved, and not at all, while another thread reads the URL without pause: every
+    read, during the save and after the kill, is the old dictionary or the new one, bit for bit."""
+    import threading
+
+    fs, env = s3
+    old, new = _pair()
+    url = "s3://bucket/killed-save"
+    env = {**os.environ, **env, "UNITSCOPE_TEST_SAVE_PAUSE": "0.25"}
+
+    def state(old_vid):
+        """(files of versions other than `old_vid` uploaded, whether the pointer names another version)"""
+        fs.invalidate_cache()
+        others = [v for v in fs.ls("bucket/killed-save/.versions", detail=False) if not v.endswith(old_vid)]
+        n = sum(len(fs.ls(v, detail=False)) for v in others)
+        return n, json.loads(fs.cat_file("bucket/killed-save/current.json"))["version"] != old_vid
+
+    outcomes = {}
+    for point in (0, 1, 2, 3, "pointer", None):
+        old.save(url)
+        fs.rm("bucket/killed-save/.versions", recursive=True)  # only old's version from here on
+        old.save(url)
+        old_vid = json.loads(fs.cat_file("bucket/killed-save/current.json"))["version"]
+        reads, stop = [], threading.Event()
+
+        def reader(reads=reads, stop=stop):
+            while not stop.is_set():
+                reads.append(_which(url, old, new))
+
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=env, text=True)
+        assert proc.stdout.readline().strip() == "saving", proc.stderr.read()
+        t = threading.Thread(target=reader)
+        t.start()
+        deadline = time.time() + 60
+        while point is not None and proc.poll() is None and time.time() < deadline:
+            n, moved = state(old_vid)
+            if (point == "pointer" and moved) or (point != "pointer" and n >= point):
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        proc.wait()
+        stop.set()
+        t.join()
+        outcomes[point] = (_which(url, old, new), proc.returncode)
+        assert reads and set(reads) <= {"old", "new"}, (point, set(reads))
+    assert all(rc == -signal.SIGKILL for _, rc in list(outcomes.values())[:-1]), outcomes
+    assert [o for o, _ in outcomes.values()] == ["old"] * 4 + ["new"] * 2, outcomes
+    assert len(fs.ls("bucket/killed-save/.versions")) == 1  # the save that finished removed the one it replaced
+
+
+def test_a_damaged_pointer_or_version_on_s3_is_one_sentence_and_a_new_save_repairs_it(s3, tmp_path):
+    from unitscope.fs import _parse_pointer
+
+    fs, _ = s3
+    old, new = _pair()
+    url = "s3://bucket/damaged"
+    old.save(url)
+    ptr = fs.cat_file("bucket/damaged/current.json")
+    vid = json.loads(ptr)["version"]
+    store_args = ["--store", "unused"]  # eval refuses the dictionary before it opens a store
+    cases = {
+        "truncated pointer": (ptr[: len(ptr) // 2], "current.json' is corrupt"),
+        "empty pointer": (b"", "current.json' is corrupt"),
+        "version outside .versions": (ptr.replace(vid.encode(), b"../../x"), "current.json' is corrupt"),
+        "file name with a slash": (ptr.replace(b'"cfg.json"', b'"../cfg.json"'), "current.json' is corrupt"),
+        "missing version": (ptr.replace(vid.encode(), b"0" * 20 + b"-" + b"0" * 8),
+                            "names version 00000000000000000000-00000000, whose file 'cfg.json' is missing"),
+    }
+    for what, (data, message) in cases.items():
+        fs.pipe_file("bucket/damaged/current.json", data)
+        assert _which(url, old, new).startswith("refused: ") and message in _which(url, old, new), what
+        assert main(["eval", "--dictionary", url, *store_args, "--out", str(tmp_path / "e.json"), "--quiet"]) == 2
+    fs.pipe_file("bucket/damaged/current.json", ptr)
+    assert _which(url, old, new) == "old"  # the version the pointer names was never touched
+    fs.pipe_file(f"bucket/damaged/.versions/{vid}/sae_weights.safetensors", b"\0" * 64)  # a file changed there
+    assert "whose file 'sae_weights.safetensors' does not match its SHA-256" in _which(url, old, new)
+    assert not (tmp_path / "e.json").exists()
+    new.save(url)  # a new save over the damage
+    assert _which(url, old, new) == "new"
+    for raw in (b"[]", b"{}", b'{"version": 3}', b"\xff", b'{"version": "' + vid.encode() + b'", "files": {}}'):
+        with pytest.raises(Exception, match="is corrupt"):
+            _parse_pointer(raw, "p")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=300) | st.from_regex(r'\{"version": ?"[0-9a-f./-]{0,40}", ?"files": ?\{.{0,80}\}\}'
+                                               ).map(str.encode))
+def test_any_pointer_bytes_are_a_pointer_or_one_sentence(raw):
+    from unitscope.errors import UnitscopeError
+    from unitscope.fs import _VERSION_ID, _parse_pointer
+
+    try:
+        vid, files = _parse_pointer(raw, "p")
+    except UnitscopeError as e:
+        assert str(e).startswith("'p' is corrupt")
+        return
+    assert _VERSION_ID.fullmatch(vid) and all("/" not in n and n not in (".", "..") for n in files)
 
 
 def test_training_to_s3_killed_mid_run_resumes_from_its_local_checkpoint_to_the_uninterrupted_weights(
@@ -250,12 +386,12 @@ def test_training_to_s3_killed_mid_run_resumes_from_its_local_checkpoint_to_the_
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert not fs.exists("bucket/killed-sae/cfg.json")  # killed mid-training: no dictionary on s3 yet
+    assert not fs.exists("bucket/killed-sae/current.json")  # killed mid-training: no dictionary on s3 yet
     steps = [int(p.stem) for p in ckpts.glob("*.checkpoint/*.json") if p.stem.isdigit()]
     assert steps and max(steps) < 400
     p = run_cli(*args, "--out", url, env=env)
     assert p.returncode == 0, p.stderr
-    s3_weights = safetensors.torch.load(fs.cat_file("bucket/killed-sae/sae_weights.safetensors"))
+    s3_weights = safetensors.torch.load(_saved(fs, "bucket/killed-sae", "sae_weights.safetensors"))
     assert _same_weights(s3_weights, load_file(str(tmp_path / "ref" / "sae_weights.safetensors")))
-    assert json.loads(fs.cat_file("bucket/killed-sae/train.json"))["steps"] == 400
+    assert json.loads(_saved(fs, "bucket/killed-sae", "train.json"))["steps"] == 400
     assert not list(ckpts.glob("*.checkpoint"))  # the checkpoints go once the dictionary is uploaded

@@ -4,7 +4,8 @@ An object store has no rename and no partial object: a PUT lands whole or not at
 written object by object, shards first and the manifest last (a reader that sees a manifest sees every shard it
 lists), and read by downloading each shard once into a local mirror (`remote/` in unitscope's cache
 folder, `~/.cache/unitscope/remote/` by default), checked against the manifest's SHA-256 and then memory-mapped
-like a local one. A dictionary is written with its cfg.json last and read all from one save (`put_dir`, `get_dir`).
+like a local one. A dictionary is saved as a new version behind a one-object pointer (`put_versioned`) and read
+from the version the pointer names (`get_dictionary_dir`).
 Local paths never come here: they keep the rename-based writes of `atomic.py`.
 """
 
@@ -13,6 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -101,76 +105,180 @@ def object_sha256(fs, path: str) -> str:
     return h.hexdigest()
 
 
-# ---- directories of whole objects (dictionaries) ---------------------------------------------------------------
-# A dictionary is a few objects of which one (`cfg.json`) says the directory holds one. Written: that object is
-# deleted first, objects the new copy lacks next, the other objects put, and it last; so while a save runs the
-# URL holds no dictionary (a reader is refused, never handed a mix). Read: it is fetched, then the others, then it
-# again: unchanged, every object read belongs with it (a save that overlapped the read deleted it before putting
-# anything), else the read starts over.
+# ---- dictionaries: versioned saves behind one pointer -------------------------------------------------------
+# An object store has no rename, so a save cannot swap a folder. Each save uploads its files under a fresh
+# `URL/.versions/ID/` and then replaces one small object, `URL/current.json`, that names the version and the
+# SHA-256 of each of its files: one PUT, which S3 applies whole, so a reader sees the old pointer or the new one,
+# and the version either names is complete (it was uploaded before the pointer moved). A kill at any moment leaves
+# the old dictionary or the new one, never neither. After the pointer moves, the version it replaced (and any left
+# by saves killed over a day ago) is deleted, best effort: a leftover is harmless. A reader follows the pointer,
+# checks every file against it, and reads again if a save moved the pointer meanwhile (its old version deleted
+# under it). A URL without a pointer holds plain files (the SAELens layout written by another tool, or an older
+# unitscope save): read as before, `cfg.json` first and last.
 
-def put_dir(local: Path, url: str, last: str) -> None:
-    """Upload the files of the local folder `local` to `url`, `last` after every other (see above)."""
+POINTER = "current.json"
+VERSIONS = ".versions"
+KEEP_ORPHANS_S = 24 * 3600  # a version no pointer names, younger than this, may be a concurrent save's upload
+_VERSION_ID = re.compile(r"[0-9]{20}-[0-9a-f]{8}")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def put_versioned(local: Path, url: str) -> str:
+    """Upload the files of the local folder `local` as a new version of the dictionary at `url` and point `url`
+    at it (see above); returns the version's ID."""
     fs, root = filesystem(url)
     names = sorted(p.name for p in Path(local).iterdir() if p.is_file())
-    if last not in names:
-        raise ValueError(f"{last!r} is not in {str(local)!r}")
-    if fs.exists(f"{root}/{last}"):
-        fs.rm_file(f"{root}/{last}")
-    fs.invalidate_cache(root)
+    vid = f"{time.time_ns():020d}-{secrets.token_hex(4)}"
+    files = {}
+    for name in names:
+        files[name] = {"sha256": _file_sha256(Path(local) / name)}
+        fs.put_file(str(Path(local) / name), f"{root}/{VERSIONS}/{vid}/{name}")
+        _pause_for_tests()
+    before = _pointer_version(fs, root)
+    put_json(fs, f"{root}/{POINTER}", {"format": "unitscope-versioned-directory", "version": vid, "files": files})
+    _pause_for_tests()
     try:
-        old = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+        _drop_replaced(fs, root, vid, before)
+    except Exception:  # noqa: BLE001 - best effort: the new dictionary is in place; a leftover is harmless
+        pass
+    return vid
+
+
+def _pause_for_tests() -> None:
+    """$UNITSCOPE_TEST_SAVE_PAUSE seconds between the objects of a save, so a test can kill it between any two."""
+    pause = os.environ.get("UNITSCOPE_TEST_SAVE_PAUSE")
+    if pause:
+        time.sleep(float(pause))
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _pointer_version(fs, root: str) -> str | None:
+    ptr = read_json(fs, f"{root}/{POINTER}")
+    return ptr.get("version") if isinstance(ptr, dict) and isinstance(ptr.get("version"), str) else None
+
+
+def _drop_replaced(fs, root: str, keep: str, replaced: str | None) -> None:
+    """Delete the version the pointer named before, versions of killed saves over a day old, and the plain files
+    of an older plain save at the root (the pointer now decides what the URL holds)."""
+    fs.invalidate_cache(f"{root}/{VERSIONS}")  # it and its parents: this process may have listed them before
+    now = time.time_ns()
+    try:
+        versions = [p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/{VERSIONS}", detail=False)]
     except FileNotFoundError:
-        old = []
-    for name in sorted(set(old) - set(names)):
-        if fs.isfile(f"{root}/{name}"):
-            fs.rm_file(f"{root}/{name}")
-    for name in [n for n in names if n != last] + [last]:
-        fs.put_file(str(Path(local) / name), f"{root}/{name}")
+        versions = []
+    for v in versions:
+        if v == keep or not _VERSION_ID.fullmatch(v):
+            continue
+        if v == replaced or (int(v[:20]) < int(keep[:20]) and now - int(v[:20]) > KEEP_ORPHANS_S * 1e9):
+            fs.rm(f"{root}/{VERSIONS}/{v}", recursive=True)
+    for path in fs.ls(root, detail=False):
+        name = path.rsplit("/", 1)[-1]
+        if name in ("cfg.json", "sae_weights.safetensors", "train.json", "sae.safetensors") and fs.isfile(path):
+            fs.rm_file(path)
 
 
-def get_dir(url: str, last: str, into: Path, what: str = "directory", tries: int = 5) -> Path:
-    """Download the objects at `url` into the empty local folder `into`, all from the one save that wrote `last`.
-
-    A folder of the caller's (not a shared mirror): two processes reading the same URL never touch each other's
-    files."""
-    import time
-
+def get_dictionary_dir(url: str, into: Path, tries: int = 5) -> Path:
+    """Download the dictionary at `url` into the empty local folder `into`: the version `current.json` names,
+    each file checked against it, or, with no pointer, the plain files of one save (`cfg.json` read first and
+    last). A folder of the caller's: two processes reading the same URL never touch each other's files."""
     fs, root = filesystem(url)
     into = Path(into)
     for attempt in range(tries):
-        try:
-            first = fs.cat_file(f"{root}/{last}")
-        except FileNotFoundError:
-            raise UnitscopeError(f"{url!r} is not a {what}: it has no {last} (or a save there has not "
-                                 "finished)") from None
         for stale in into.iterdir():  # a read that a save overlapped
             stale.unlink()
         try:
-            _fetch_all(fs, root, last, first, into)
+            raw = fs.cat_file(f"{root}/{POINTER}")
+        except FileNotFoundError:
+            raw = None
+        try:
+            if raw is None:
+                _get_plain(fs, root, url, into)
+            else:
+                _get_version(fs, root, url, raw, into)
             return into
         except _Changed:
             time.sleep(0.2 * (attempt + 1))
-    raise UnitscopeError(f"{url!r} changed on every one of {tries} reads (a save there is under way); read it "
-                         "again when the save has finished")
+    raise UnitscopeError(f"{url!r} changed on every one of {tries} reads (saves there are under way); read it "
+                         "again when they have finished")
 
 
-class _Changed(Exception):
-    """The object written last changed while the others were read."""
+def read_saved_json(url: str, name: str) -> Any:
+    """The JSON file `name` of the dictionary saved at `url` (e.g. train.json), or None if it has none."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="unitscope-dictionary-") as tmp:
+        get_dictionary_dir(url, Path(tmp))
+        path = Path(tmp) / name
+        return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _fetch_all(fs, root: str, last: str, first: bytes, tmp: Path) -> None:
+def _parse_pointer(raw: bytes, where: str) -> tuple[str, dict[str, str]]:
+    """(version ID, {file name: SHA-256}) from a pointer's bytes; anything else is one sentence."""
+    try:
+        ptr = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        ptr = None
+    files = ptr.get("files") if isinstance(ptr, dict) else None
+    vid = ptr.get("version") if isinstance(ptr, dict) else None
+    ok = (isinstance(vid, str) and _VERSION_ID.fullmatch(vid) and isinstance(files, dict) and files
+          and all(isinstance(n, str) and _FILE_NAME.fullmatch(n) and isinstance(m, dict)
+                  and isinstance(m.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", m["sha256"])
+                  for n, m in files.items()))
+    if not ok:
+        raise UnitscopeError(f"{where!r} is corrupt: it is not the pointer a unitscope save writes (a version ID "
+                             "and the SHA-256 of each file); save the dictionary there again")
+    return vid, {n: m["sha256"] for n, m in files.items()}
+
+
+def _get_version(fs, root: str, url: str, raw: bytes, into: Path) -> None:
+    where = f"{url.rstrip('/')}/{POINTER}"
+    vid, files = _parse_pointer(raw, where)
+    for name, sha in files.items():
+        try:
+            fs.get_file(f"{root}/{VERSIONS}/{vid}/{name}", str(into / name))
+            problem = None if _file_sha256(into / name) == sha else "does not match its SHA-256 there"
+        except FileNotFoundError:
+            problem = "is missing"
+        if problem:
+            try:
+                now = fs.cat_file(f"{root}/{POINTER}")
+            except FileNotFoundError:
+                now = None
+            if now != raw:
+                raise _Changed  # a save moved the pointer and dropped this version: read the new one
+            raise UnitscopeError(f"{where!r} names version {vid}, whose file {name!r} {problem}; the "
+                                 "dictionary there is damaged: save it again")
+
+
+def _get_plain(fs, root: str, url: str, into: Path) -> None:
+    try:
+        first = fs.cat_file(f"{root}/cfg.json")
+    except FileNotFoundError:
+        raise UnitscopeError(f"{url!r} is not a dictionary directory: it has no cfg.json and no "
+                             f"{POINTER}") from None
     fs.invalidate_cache(root)  # another process may have saved since this one last listed it
     for path in fs.ls(root, detail=False):
         name = path.rsplit("/", 1)[-1]
-        if name != last and fs.isfile(path):
+        if name != "cfg.json" and fs.isfile(path):
             try:
-                fs.get_file(path, str(tmp / name))
+                fs.get_file(path, str(into / name))
             except FileNotFoundError:
                 pass  # removed by a save that began meanwhile: the check below sees it
-    (tmp / last).write_bytes(first)
+    (into / "cfg.json").write_bytes(first)
     try:
-        again = fs.cat_file(f"{root}/{last}")
+        again = fs.cat_file(f"{root}/cfg.json")
     except FileNotFoundError:
         again = None
-    if again != first:
-        raise _Changed
+    if again != first or fs.exists(f"{root}/{POINTER}"):
+        raise _Changed  # a save overlapped the read: read again (the pointer, if one appeared)
+
+
+class _Changed(Exception):
+    """A save changed the URL while its files were read."""

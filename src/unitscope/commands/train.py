@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import UnitscopeError
-from ..fs import filesystem, is_url, read_json
+from ..fs import filesystem, is_url, read_saved_json
 from . import inputs, options
 
 
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         train_together([Trainer(store, site, c, o, progress=False) for c, o in zip(cfgs, outs)],
                        progress=not args.quiet)
     for o in outs:
-        summary = read_json(*filesystem(f"{o}/train.json")) if is_url(o) else \
+        summary = read_saved_json(o, "train.json") if is_url(o) else \
             json.loads((Path(o) / "train.json").read_text())
         print(f"dictionary {o}: {summary['config']['architecture']}, {summary['config']['n_units']} units; "
               f"{summary['tokens']} tokens in {summary['seconds']} s ({summary['tokens_per_s']} tokens/s)")

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..atomic import recover, replace_dir
 from ..errors import UnitscopeError
-from ..fs import get_dir, is_url, put_dir
+from ..fs import get_dictionary_dir, is_url, put_versioned
 
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
@@ -116,12 +116,12 @@ class Dictionary(nn.Module):
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> str | Path:
         """Write cfg.json, sae_weights.safetensors and the JSON files in `extra` (name -> object) so that a
         kill at any moment leaves a complete old or new dictionary (`atomic.replace_dir`). At a URL (s3://...) the
-        files are written locally, then uploaded with cfg.json last (`fs.put_dir`): while the upload runs the URL
-        holds no dictionary, never a mix of two."""
+        files are written locally, uploaded as a new version, and the URL's one-object pointer is then moved to it
+        (`fs.put_versioned`): until then readers get the old dictionary, after it the new one."""
         if is_url(path):
             with tempfile.TemporaryDirectory(prefix="unitscope-dictionary-") as tmp:
                 self._write_files(Path(tmp), extra)
-                put_dir(Path(tmp), str(path), CFG)
+                put_versioned(Path(tmp), str(path))
             return path
         path = Path(path)
         with replace_dir(path) as tmp:
@@ -145,11 +145,12 @@ def require_weights(cfg: dict[str, Any], weights: dict[str, torch.Tensor], *keys
 def load_dictionary(path: str | Path, device: str = "cpu") -> Dictionary:
     """Load any saved dictionary: the SAELens layout (cfg.json + sae_weights.safetensors, every kind here),
     or another library's layout registered in FORMATS (sparsify: cfg.json + sae.safetensors). A URL (s3://...) is
-    downloaded into a private temporary folder, every file from the one save that wrote its cfg.json
-    (`fs.get_dir`), and loaded from there (the tensors are read into memory; the folder is then removed)."""
+    downloaded into a private temporary folder, every file from the version its pointer names, checked against
+    it, or the plain files of one save where there is no pointer (`fs.get_dictionary_dir`), and loaded from there
+    (the tensors are read into memory; the folder is then removed)."""
     if is_url(path):
         with tempfile.TemporaryDirectory(prefix="unitscope-dictionary-", ignore_cleanup_errors=True) as tmp:
-            local = get_dir(str(path), CFG, Path(tmp), what="dictionary directory").absolute()
+            local = get_dictionary_dir(str(path), Path(tmp)).absolute()
             try:
                 return load_dictionary(local, device)
             except UnitscopeError as e:  # name the URL the user gave, not the temporary folder
