@@ -41,7 +41,7 @@ def test_ce_figures_match_a_direct_computation(llama_subject):
         with llama_subject.intervene(ivs):
             logits = llama_subject.logits(ids)
         pm = mask[:, :-1]
-        return float(F.cross_entropy(logits[:, :-1][pm], ids[:, 1:][pm]))
+        return float(F.cross_entropy(logits[:, :-1][pm].double(), ids[:, 1:][pm]))  # float64: the truth
 
     zero_eval = ce(lambda y: torch.where(mask[..., None], torch.zeros_like(y), y))
     zero_all = ce(lambda y: y * 0)  # SAELens / SAEBench: every position zeroed, the excluded ones too
@@ -145,3 +145,27 @@ def test_forwards_share_the_blocks_below_the_site_and_give_the_full_forward_figu
     assert behaviour["kl_div_with_sae"] > 1e-6 and behaviour["kl_div_with_ablation"] > 1e-6  # the edits took effect
     for name, module in tiny_subject.model.named_modules():  # every block's own forward is back
         assert "forward" not in vars(module), name
+
+
+def test_next_token_sums_equal_log_softmax_and_kl_div():
+    """The log-partition form of CE and KL equals the textbook one (log_softmax, nll_loss, kl_div) on the masked
+    positions, for edits near and far from the clean logits."""
+    import torch.nn.functional as F
+
+    from unitscope.evaluate.fidelity import next_token_sums
+
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(3, 7, 50, generator=g) * 4
+    edited = {"near": clean + 0.01 * torch.randn(3, 7, 50, generator=g), "far": torch.randn(3, 7, 50, generator=g),
+              "same": clean.clone()}
+    targets = torch.randint(0, 50, (3, 6), generator=g)
+    rows = torch.rand(3, 6, generator=g) > 0.3
+    got = next_token_sums(clean, edited, targets, rows)
+    lp_c = F.log_softmax(clean[:, :-1][rows].double(), -1)
+    for name, logits in {"clean": clean, **edited}.items():
+        lp = F.log_softmax(logits[:, :-1][rows].double(), -1)
+        assert got[name] == pytest.approx(float(F.nll_loss(lp, targets[rows], reduction="sum")), rel=1e-5)
+        if name != "clean":
+            want = float(F.kl_div(lp, lp_c, log_target=True, reduction="sum"))
+            assert got["kl:" + name] == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert got["kl:same"] == 0.0

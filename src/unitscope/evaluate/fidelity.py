@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..corpus import Corpus, special_ids, training_mask
@@ -127,14 +126,13 @@ def evaluate_fidelity(subject: Subject, dictionary: Dictionary, corpus: Corpus, 
 
         # next-token prediction at evaluated positions (the last position has no target)
         pm = m[:, :-1]
-        tgt = ids[:, 1:].to(subject.device)[pm]
-        lp_clean = F.log_softmax(clean_logits[:, :-1][pm].float(), -1)
-        for name, logits in (("clean", clean_logits), ("spliced", spliced_logits), ("zero", zero_logits),
-                             ("zero_all", zero_all_logits)):
-            lp = F.log_softmax(logits[:, :-1][pm].float(), -1)
-            ce[name] += float(F.nll_loss(lp, tgt, reduction="sum"))
-            if name != "clean":
-                kl_sum[name] += float(F.kl_div(lp, lp_clean, log_target=True, reduction="sum"))
+        for name, value in next_token_sums(clean_logits, {"spliced": spliced_logits, "zero": zero_logits,
+                                                          "zero_all": zero_all_logits},
+                                           ids[:, 1:].to(subject.device), pm).items():
+            if name.startswith("kl:"):
+                kl_sum[name[3:]] += value
+            else:
+                ce[name] += value
         n_pred += int(pm.sum())
         bar.update(len(batch) * ctx_len)
     bar.close()
@@ -187,6 +185,34 @@ def evaluate_fidelity(subject: Subject, dictionary: Dictionary, corpus: Corpus, 
         "geometry": _geometry(dictionary, kept_x, kept_y),
         "versions": versions(),
     }
+
+
+def next_token_sums(clean: torch.Tensor, edited: dict[str, torch.Tensor], targets: torch.Tensor,
+                    rows: torch.Tensor) -> dict[str, float]:
+    """Summed next-token cross-entropy of each run ('clean' and each name of `edited`) and summed KL(clean || run)
+    ('kl:' + name) over the positions where `rows` (B, T-1) holds; logits are (B, T, V), targets (B, T-1).
+
+    Written with log-partitions instead of log-prob tensors: CE = logsumexp(l) - l[target] and KL = sum_v p (lc - l)
+    + logsumexp(l) - logsumexp(lc), so each run costs one logsumexp, one difference and one row dot product, not
+    the log_softmax, gather copy and kl_div intermediates over (positions x vocabulary) that made these sums cost
+    about a forward pass per batch (benchmarks/eval_cost.py)."""
+    w = rows.double()  # row sums in float64: the CE score divides differences of these sums
+    lc = clean[:, :-1].float()
+    lse_c = torch.logsumexp(lc, -1)
+    p_c = torch.softmax(lc, -1)
+    tgt = targets[..., None]
+
+    def ce(logits: torch.Tensor, lse: torch.Tensor) -> float:
+        return float(((lse.double() - logits.gather(-1, tgt).squeeze(-1).double()) * w).sum())
+
+    out = {"clean": ce(lc, lse_c)}
+    for name, logits in edited.items():
+        le = logits[:, :-1].float()
+        lse = torch.logsumexp(le, -1)
+        out[name] = ce(le, lse)
+        kl = torch.einsum("btv,btv->bt", p_c, lc - le).double() + (lse.double() - lse_c.double())
+        out["kl:" + name] = float((kl * w).sum())
+    return out
 
 
 def _geometry(dictionary: Dictionary, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> dict[str, Any] | None:
