@@ -113,6 +113,12 @@ def test_dictionary_units_equal_brute_force(tmp_path):
     _, iou = brute_force(codes, masks, [1, 2, 3], 0.05)
     np.testing.assert_allclose(iou_of(result.table, 16, [1, 2, 3]), iou, rtol=1e-5, atol=1e-9)
     assert result.summary["units"] == 16 and result.summary["unit_kind"] == "topk"
+    # dictionary units drawn like channels: each unit's codes over spatial positions, over its peak images
+    from unitscope.dissect.maps import write_unit_maps
+
+    write_dissection(tmp_path / "out", result)
+    write_unit_maps(model, "1:output", open_dataset(tmp_path / "ds"), result, tmp_path / "out", dictionary=sae)
+    assert_maps_equal(tmp_path / "out", codes, images, [r for r in result.table.to_pylist() if r["rank"] == 1], 16)
 
 
 def test_classifier_last_conv_has_a_detector_for_every_concept(tmp_path):
@@ -132,29 +138,43 @@ def test_classifier_last_conv_has_a_detector_for_every_concept(tmp_path):
 
     assert pq.read_table(path).num_rows == 64 * len(CONCEPTS)
     assert json.loads((tmp_path / "out" / "dissection.json").read_text())["unique_concepts"] == 5
-    # each concept's best detector drawn over sample images: its map above the threshold, recomputed in numpy
-    from PIL import Image
-
-    from unitscope.dissect.demo import unit_maps
+    # each unit drawn over the images where it peaks, its map above the threshold: recomputed in numpy
+    from unitscope.dissect.maps import write_unit_maps
+    from unitscope.vision.rows import layer_output
     from unitscope.worlds.classifier import to_tensor
 
-    x = to_tensor(test_images[:40])
-    unit_maps(model, LAST_CONV, result, x, tmp_path / "out")
-    chosen = json.loads((tmp_path / "out" / "unit_maps.json").read_text())
-    assert sorted(c["concept"] for c in chosen) == sorted(CONCEPTS.values())
-    from unitscope.vision.rows import layer_output
-
+    write_unit_maps(model, LAST_CONV, open_dataset(tmp_path / "scenes"), result, tmp_path / "out")
     with torch.no_grad():
-        maps = layer_output(model, LAST_CONV, x).numpy()
-    got = np.asarray(Image.open(tmp_path / "out" / "unit_maps.png"))[::3, ::3]
-    for row, c in enumerate(chosen):
-        pick = np.sort(np.argsort(-maps[:, c["unit"]].reshape(40, -1).max(1), kind="stable")[:6])
-        on = bilinear_numpy(maps[pick, c["unit"]].astype(np.float64), 64) > c["threshold"]
-        want = test_images[pick].astype(np.float64) / 255
+        maps = layer_output(model, LAST_CONV, to_tensor(test_images)).numpy()
+    best = {}
+    for r in result.table.to_pylist():
+        if r["rank"] == 1 and r["detector"] and r["iou"] > best.get(r["concept"], {"iou": -1})["iou"]:
+            best[r["concept"]] = r
+    assert_maps_equal(tmp_path / "out", maps, test_images, list(best.values()), n_units=64)
+
+
+def assert_maps_equal(out, maps, images, rows, n_units):
+    """OUT/maps/U.png for each row's unit equals the brute force: the 6 images with the highest map maximum (earlier
+    image first on ties), the bilinear map above the unit's threshold tinted red; maps.json names those images."""
+    from PIL import Image
+
+    index = json.loads((out / "maps" / "maps.json").read_text())["units"]
+    assert sorted(index, key=int) == [str(u) for u in range(min(n_units, 200))]
+    size = images.shape[1]
+    lit = 0
+    for r in rows:
+        u = r["unit"]
+        pick = np.argsort(-maps[:, u].reshape(len(maps), -1).max(1), kind="stable")[:6]
+        assert index[str(u)]["images"] == [f"{i:05d}" for i in pick] and index[str(u)]["threshold"] == r["threshold"]
+        on = bilinear_numpy(maps[pick, u].astype(np.float64), size) > r["threshold"]
+        want = images[pick].astype(np.float64) / 255
         want[on] = 0.4 * want[on] + 0.6 * np.array([1.0, 0.0, 0.0])
         want = (want * 255).astype(np.uint8)
-        tile = got[row * 64:(row + 1) * 64].reshape(64, 6, 64, 3).transpose(1, 0, 2, 3)
-        assert on.any() and np.abs(tile.astype(int) - want).max() <= 1
+        got = np.asarray(Image.open(out / "maps" / f"{u}.png"))
+        tiles = got.reshape(size, 6, size, 3).transpose(1, 0, 2, 3)
+        assert np.abs(tiles.astype(int) - want).max() <= 1, u
+        lit += on.any()
+    assert lit >= len(rows) // 2 > 0  # not a comparison of untinted images
 
 
 def test_bad_inputs_one_sentence_each(tmp_path):
@@ -198,7 +218,8 @@ def test_cli_refusals_and_a_model_file(tmp_path):
 
     for row in pq.read_table(tmp_path / "out" / "dissection.parquet").to_pylist():
         if row["rank"] == 1:
-            assert f"<tr><td>{row['unit']}</td><td>{row['concept']}</td><td>{row['iou']:.4g}</td>" in html
+            iou = f"<td title=\"{row['iou']!r}\">{row['iou']:.4g}</td>"
+            assert f"<td>{row['unit']}</td><td>{row['concept']}</td>{iou}" in html
 
 
 # ---- GAN dissection -------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ def add_parser(sub) -> None:
                    help="dissect this dictionary's units (trained on the layer's spatial rows) instead of channels")
     p.add_argument("--quantile", type=options.positive_float, default=0.005, help="top quantile of activations")
     p.add_argument("--batch-size", type=options.positive_int, default=16)
+    p.add_argument("--maps", type=options.non_negative_int, default=6, help="draw each unit's thresholded map over "
+                   "the N images where it peaks (OUT/maps/, shown on the page; 0: none)")
     p.add_argument("--demo", action="store_true", help="draw scenes, train (or reuse) the small classifier, dissect it")
     p.add_argument("--gan-demo", action="store_true", help="GAN dissection on the scenes: a generator and a segmenter "
                    "trained (or reused), units found per concept, ablated and inserted (gan_dissection.json, PNGs)")
@@ -51,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise UnitscopeError(f"dissect needs {', '.join(missing)} (or --demo)")
     from ..dictionaries.base import load_dictionary
+    from ..dissect.maps import write_unit_maps
     from ..dissect.network import dissect, write_dissection
     from ..modules import is_module_spec
     from ..subject import load_subject
@@ -63,8 +66,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_subject(args.model).model
     dictionary = load_dictionary(args.dictionary) if args.dictionary else None
     result = dissect(model, args.layer, dataset, dictionary=dictionary, quantile=args.quantile,
-                     batch_size=args.batch_size)
+                     batch_size=args.batch_size, map_images=args.maps)
     path = write_dissection(args.out, result)
+    write_unit_maps(model, args.layer, dataset, result, args.out, dictionary=dictionary, batch_size=args.batch_size)
     s = result.summary
     print(f"{s['units']} units at {s['layer']}: {s['detectors']} detectors (best IoU > {s['detector_iou']}), "
           f"{s['unique_concepts']} unique concepts {s['detectors_by_concept']}")

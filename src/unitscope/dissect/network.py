@@ -8,6 +8,8 @@ unit's map is upsampled (bilinear, half-pixel centres) to the mask size and thre
 concept c with pixels M_c the dataset-wide IoU_uc = Σ|A_u ∧ M_c| / Σ|A_u ∨ M_c|. A unit is a detector when its
 best IoU exceeds 0.04. Units are channels (neurons), or a dictionary's units encoded from the spatial rows.
 With image-level labels a unit is "on" in an image when any position exceeds T_u, and IoU is over images.
+Pass 2 also keeps, per unit, the `map_images` images where its map peaks highest (a running top list; ties go to the
+earlier image), which `dissect.maps` draws with the thresholded map over them.
 """
 
 from __future__ import annotations
@@ -36,6 +38,20 @@ QUANTILE = 0.005
 class Dissection:
     table: pa.Table  # unit, concept, concept_index, iou, threshold, rank (1 = best within the unit), detector
     summary: dict[str, Any]
+    peak_images: torch.Tensor | None = None  # (units, n) dataset indices where each unit's map peaks, highest first
+    peak_values: torch.Tensor | None = None  # (units, n) those peaks (the map's maximum over positions)
+
+
+def top_images(best: tuple[torch.Tensor, torch.Tensor] | None, peaks: torch.Tensor, first: int,
+               n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge a batch's (B, U) peaks (images first, first + 1, ...) into the running (values, indices) of each unit's
+    n highest, (U, n) each; a stable sort keeps the earlier image on ties."""
+    idx = torch.arange(first, first + peaks.shape[0]).expand(peaks.shape[1], -1)
+    vals = peaks.T
+    if best is not None:
+        vals, idx = torch.cat([best[0], vals], 1), torch.cat([best[1], idx], 1)
+    order = vals.sort(dim=1, descending=True, stable=True).indices[:, :n]
+    return vals.gather(1, order), idx.gather(1, order)
 
 
 def unit_maps(model: nn.Module, layer: str, x: torch.Tensor, dictionary: Any = None) -> torch.Tensor:
@@ -72,8 +88,9 @@ def top_quantile_thresholds(batches, quantile: float = QUANTILE, total: int | No
 
 
 def dissect(model: nn.Module, layer: str, dataset: ImageDataset, dictionary: Any = None,
-            quantile: float = QUANTILE, batch_size: int = 16) -> Dissection:
-    """Dissect `layer` of `model` over `dataset` (see the module docstring); the table is ranked within units."""
+            quantile: float = QUANTILE, batch_size: int = 16, map_images: int = 6) -> Dissection:
+    """Dissect `layer` of `model` over `dataset` (see the module docstring); the table is ranked within units.
+    `map_images`: how many peak images to keep per unit for drawing its maps (0: none)."""
     if not 0 < quantile < 1:
         raise UnitscopeError(f"the quantile must be between 0 and 1 (exclusive), not {quantile}")
     model.eval()
@@ -89,8 +106,13 @@ def dissect(model: nn.Module, layer: str, dataset: ImageDataset, dictionary: Any
     on_area = torch.zeros(n_units, dtype=torch.float64)
     concept_area = torch.zeros(len(order), dtype=torch.float64)
     index = torch.tensor(order)
+    peaks = None
+    seen = 0
     for x, m in dataset.batches(batch_size):
         maps = unit_maps(model, layer, x, dictionary)
+        if map_images > 0:
+            peaks = top_images(peaks, maps.flatten(2).amax(2), seen, map_images)
+        seen += len(x)
         if dataset.labels is None:
             up = F.interpolate(maps, size=tuple(m.shape[1:]), mode="bilinear", align_corners=False)
             on = (up > thresholds[None, :, None, None]).flatten(2).double()  # (B, U, P)
@@ -103,7 +125,15 @@ def dissect(model: nn.Module, layer: str, dataset: ImageDataset, dictionary: Any
         concept_area += onehot.sum((0, 1))
     iou = inter / (on_area[:, None] + concept_area[None, :] - inter).clamp_min(1e-12)
     return Dissection(_table(iou, thresholds, order, dataset.concepts),
-                      _summary(iou, order, dataset, layer, quantile, n_units, dictionary, (h, w)))
+                      _summary(iou, order, dataset, layer, quantile, n_units, dictionary, (h, w)),
+                      *((peaks[1], peaks[0]) if peaks is not None else (None, None)))
+
+
+def ranked_units(table: pa.Table) -> list[dict[str, Any]]:
+    """Each unit's best row (rank 1), detectors first, then by IoU (highest first), then by unit: the order the
+    page lists units in and `dissect.maps` draws them in."""
+    best = [r for r in table.to_pylist() if r["rank"] == 1]
+    return sorted(best, key=lambda r: (not r["detector"], -r["iou"], r["unit"]))
 
 
 def _table(iou: torch.Tensor, thresholds: torch.Tensor, order: list[int], names: dict[int, str]) -> pa.Table:

@@ -3,8 +3,9 @@
 Dissection outputs are not runs of language-model units (no explanation tables, no token examples), so they get
 their own page, `OUT/report/index.html`, beside the feature browser rather than inside it:
 
-- per layer (each `dissection.parquet` under OUT): detectors by concept, and per unit its best concept, IoU and
-  threshold (detectors first);
+- per layer (each `dissection.parquet` under OUT): detectors by concept (with each concept's best unit), and per
+  unit its best concept, IoU, threshold and its map above the threshold drawn in red over the images where it peaks
+  (`dissect.maps`, OUT/.../maps/), for neurons and dictionary units alike (detectors first);
 - for the generator (`gan_dissection.json`): per concept the units found, the pixel fraction before and after
   ablating them on fresh latents, the other concepts' change, insertion in a region, and the before/after images
   and the top units' thresholded maps over sample images.
@@ -25,7 +26,8 @@ from ..errors import UnitscopeError
 
 STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:.5em 0}"
          "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#f4f4f4}"
-         "img{image-rendering:pixelated;max-width:100%;display:block;margin:.3em 0}.no{color:#a00}")
+         "img{image-rendering:pixelated;max-width:100%;display:block;margin:.3em 0}.no{color:#a00}"
+         "img.maps{height:96px;max-width:none;margin:0}td.img{text-align:left}")
 
 
 def is_dissection_dir(path: str | Path) -> bool:
@@ -52,15 +54,32 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _maps_name(root: Path, table: Path) -> str:
-    return "_".join(table.parent.relative_to(root).parts + ("unit_maps.png",))
+def _maps_dir(root: Path, table: Path) -> str:
+    """The page's folder of one layer's unit maps: report/maps/NAME/ (NAME from the table's folder under ROOT)."""
+    return "_".join(table.parent.relative_to(root).parts) or "root"
+
+
+def _read_maps(table: Path) -> dict[str, Any]:
+    path = table.with_name("maps") / "maps.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text()).get("units") or {}
+    except (json.JSONDecodeError, AttributeError):
+        raise UnitscopeError(f"{str(path)!r} is not the maps index `unitscope dissect` writes; rerun it") from None
+
+
+def _num(v: Any) -> str:
+    """A number shown to 4 significant digits, the full value in its tooltip."""
+    return f'<td title="{escape(repr(v))}">{_cell(v)}</td>' if isinstance(v, float) else f"<td>{_cell(v)}</td>"
 
 
 def _layer_section(root: Path, table: Path, max_units: int = 200) -> str:
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(table, columns=["unit", "concept", "iou", "threshold", "rank", "detector"]).to_pylist()
-    best = sorted((r for r in rows if r["rank"] == 1), key=lambda r: (not r["detector"], -r["iou"], r["unit"]))
+    from ..dissect.network import ranked_units
+
+    best = ranked_units(pq.read_table(table, columns=["unit", "concept", "iou", "threshold", "rank", "detector"]))
     summary_path = table.with_name("dissection.json")
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     by_concept = summary.get("detectors_by_concept") or {}
@@ -69,22 +88,37 @@ def _layer_section(root: Path, table: Path, max_units: int = 200) -> str:
             if r["detector"]:
                 by_concept[r["concept"]] = by_concept.get(r["concept"], 0) + 1
     name = str(table.parent.relative_to(root)) if table.parent != root else "."
-    parts = [f"<h2>Layer {escape(str(summary.get('layer', '')))} — {escape(name)}</h2>",
+    slug = _maps_dir(root, table)
+    maps = _read_maps(table)
+    top = {}  # concept -> its best detector (best is sorted by IoU)
+    for r in best:
+        if r["detector"]:
+            top.setdefault(r["concept"], r)
+    concept_rows = "".join(
+        f"<tr><td>{escape(c)}</td><td>{n}</td>" + (
+            f'<td><a href="#{escape(slug)}-u{top[c]["unit"]}">{top[c]["unit"]}</a></td>{_num(top[c]["iou"])}'
+            if c in top else "<td>—</td><td>—</td>") + "</tr>" for c, n in sorted(by_concept.items()))
+    unit_rows = []
+    for r in best[:max_units]:
+        u = r["unit"]
+        m = maps.get(str(u))
+        img = (f'<img class=maps src="maps/{escape(slug)}/{u}.png" alt="unit {u} over images '
+               f'{escape(", ".join(map(str, m.get("images", []))))}" title="peaks: '
+               f'{escape(", ".join(f"{v:.3g}" for v in m.get("peaks", [])))}">') if m else "—"
+        unit_rows.append(f'<tr id="{escape(slug)}-u{u}"><td>{u}</td><td>{escape(str(r["concept"]))}</td>'
+                         f'{_num(r["iou"])}{_num(r["threshold"])}<td>{"yes" if r["detector"] else "no"}</td>'
+                         f"<td class=img>{img}</td></tr>")
+    parts = [f"<h2>Layer {escape(str(summary.get('layer', '')))} — {escape(name)} "
+             f"({escape(str(summary.get('unit_kind', 'units')))})</h2>",
              f"<p>{len(best)} units, {sum(1 for r in best if r['detector'])} detectors "
              f"(best IoU &gt; {_cell(summary.get('detector_iou'))}), {len(by_concept)} unique concepts.</p>",
-             "<h3>Detectors by concept</h3>", _table(["concept", "detectors"], sorted(by_concept.items())),
-             "<h3>Units: best concept</h3>",
-             _table(["unit", "best concept", "IoU", "threshold", "detector"],
-                    [[r["unit"], r["concept"], r["iou"], r["threshold"], "yes" if r["detector"] else "no"]
-                     for r in best[:max_units]])]
-    maps_json = table.with_name("unit_maps.json")
-    if maps_json.is_file() and table.with_name("unit_maps.png").is_file():
-        chosen = json.loads(maps_json.read_text())
-        parts += ["<h3>Each concept's best detector over sample images (map above the threshold in red)</h3>",
-                  _table(["row", "unit", "concept", "IoU", "threshold"],
-                         [[i + 1, c.get("unit"), c.get("concept"), c.get("iou"), c.get("threshold")]
-                          for i, c in enumerate(chosen)]),
-                  f'<img src="{escape(_maps_name(root, table))}" alt="unit maps">']
+             "<h3>Detectors by concept</h3>",
+             f"<table class=concepts data-layer=\"{escape(slug)}\"><tr><th>concept</th><th>detectors</th>"
+             f"<th>best unit</th><th>its IoU</th></tr>{concept_rows}</table>",
+             "<h3>Units: best concept, and the map above the threshold (red) over the images where the unit peaks "
+             "(highest first)</h3>",
+             f"<table class=units data-layer=\"{escape(slug)}\"><tr><th>unit</th><th>best concept</th><th>IoU</th>"
+             f"<th>threshold</th><th>detector</th><th>maps</th></tr>{''.join(unit_rows)}</table>"]
     if len(best) > max_units:
         parts.append(f"<p>{len(best) - max_units} more units in {escape(str(table))}.</p>")
     return "\n".join(parts)
@@ -92,13 +126,15 @@ def _layer_section(root: Path, table: Path, max_units: int = 200) -> str:
 
 def _gan_section(g: dict[str, Any], images: set[str]) -> str:
     def img(name: str | None, alt: str) -> str:
-        return f'<img src="{escape(name)}" alt="{escape(alt)}">' if name in images else ""
+        return f'<img src="{escape(name)}" alt="{escape(alt)}">' if isinstance(name, str) and name in images else ""
 
     parts = [f"<h2>Generator: layer {escape(str(g.get('layer')))}, top {_cell(g.get('top_n'))} units per concept, "
              f"{_cell(g.get('fresh_latents'))} fresh latents</h2>",
              "<p>Segmented pixel fraction of fresh images before any edit:</p>",
              _table(list(g.get("before", {})), [list(g.get("before", {}).values())]),
              "<p>Fresh images (before):</p>", img((g.get("images") or {}).get("fresh"), "fresh images")]
+    parts += [f"<p>{escape(str(k))}:</p>" + img(v, str(k)) for k, v in (g.get("images") or {}).items()
+              if k != "fresh" and isinstance(v, str) and v in images]  # any further images the generator demo names
     rows = []
     for name, c in (g.get("concepts") or {}).items():
         others = ", ".join(f"{k} {v:+.0%}" for k, v in (c.get("others_relative_change") or {}).items())
@@ -124,6 +160,8 @@ def _gan_section(g: dict[str, Any], images: set[str]) -> str:
                   "<p>Inserted in the centre region:</p>", img(ims.get("insert"), f"{name} inserted"),
                   "<p>Top units' maps above their IQR threshold (red) over sample images, one row per unit:</p>",
                   img(ims.get("units"), f"{name} unit maps")]
+        parts += [f"<p>{escape(str(k))}:</p>" + img(v, f"{name} {k}") for k, v in ims.items()
+                  if k not in ("ablate", "insert", "units") and isinstance(v, str) and v in images]
     return "\n".join(parts)
 
 
@@ -136,7 +174,7 @@ def write_dissection_page(root: str | Path) -> Path:
         raise UnitscopeError(f"{str(root)!r} holds no dissection output (dissection.parquet or gan_dissection.json); "
                              "run `unitscope dissect --out` there first")
     sections = [_layer_section(root, t) for t in tables]
-    maps = {_maps_name(root, t): t.with_name("unit_maps.png") for t in tables if t.with_name("unit_maps.png").is_file()}
+    maps = {_maps_dir(root, t): t.with_name("maps") for t in tables if (t.with_name("maps") / "maps.json").is_file()}
     copy: list[str] = []
     if gan_path.is_file():
         try:
@@ -148,10 +186,10 @@ def write_dissection_page(root: str | Path) -> Path:
     html = (f"<!doctype html><meta charset=utf-8><title>unitscope dissection</title><style>{STYLE}</style>"
             f"<h1>Dissection: {escape(root.name)}</h1>\n" + "\n".join(sections) + "\n")
     old = {p.name for p in (root / "report").glob("*.png")}  # this page's own images of an earlier dissection
-    with replace_dir(root / "report", allowed={"index.html", *copy, *maps, *old}) as tmp:
+    with replace_dir(root / "report", allowed={"index.html", "maps", *copy, *old}) as tmp:
         (tmp / "index.html").write_text(html, encoding="utf-8")
         for name in copy:
             shutil.copyfile(root / name, tmp / name)
         for name, src in maps.items():
-            shutil.copyfile(src, tmp / name)
+            shutil.copytree(src, tmp / "maps" / name)
     return root / "report" / "index.html"
