@@ -1,0 +1,134 @@
+"""The dissection page (`report/dissection.py`) in headless Chromium (Debian's /usr/bin/chromium through Selenium),
+from the file system: a small dissection made by the command line, of a conv layer's channels and of a TopK SAE's
+units over its spatial positions; every unit row shows the parquet's best concept, IoU and threshold, the
+detectors-by-concept table counts the parquet's detectors, each unit's maps load, and the console stays clean."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+
+import pyarrow.parquet as pq
+import pytest
+from selenium.webdriver.common.by import By
+from test_report import wait_for
+
+from unitscope.cli import main
+from unitscope.dissect.network import ranked_units
+
+LAYER = "features.relu3:output"
+MODEL = ("import torch\nfrom unitscope.worlds.classifier import SceneClassifier\n\n\ndef model():\n"
+         "    torch.manual_seed(0)\n    return SceneClassifier(width=16)\n")
+SIZE, IMAGES = 32, 40
+
+
+@pytest.fixture(scope="module")
+def dissection(tmp_path_factory):
+    """OUT/neurons (16 channels) and OUT/sae (a 24-unit TopK SAE on the layer's 8x8 rows), each written by
+    `unitscope dissect`, and OUT/report/index.html by `unitscope report OUT`."""
+    import torch
+
+    from unitscope.modules import load_module
+    from unitscope.vision.rows import layer_output, spatial_rows, train_on_rows
+    from unitscope.worlds.classifier import to_tensor
+    from unitscope.worlds.scenes import make_scenes, write_dataset
+
+    root = tmp_path_factory.mktemp("dissect")
+    images, masks = make_scenes(IMAGES, SIZE, seed=1)
+    write_dataset(root / "ds", images, masks)
+    (root / "m.py").write_text(MODEL)
+    spec = f"{root / 'm.py'}:model"
+    torch.manual_seed(0)
+    rows = spatial_rows(layer_output(load_module(spec), LAYER, to_tensor(images)))
+    train_on_rows(rows, str(root / "sae_dict"), n_units=24, k=3, steps=100, batch_size=128, site=LAYER)
+    out = root / "out"
+    base = ["dissect", "--model", spec, "--layer", LAYER, "--data", str(root / "ds")]
+    assert main([*base, "--out", str(out / "neurons")]) == 0
+    assert main([*base, "--dictionary", str(root / "sae_dict"), "--out", str(out / "sae")]) == 0
+    assert main(["report", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Headless Chromium that keeps the page's console (the shared `browser` fixture does not)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="unitscope-chromium-")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"  # Debian's build; nothing is ever downloaded
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--window-size=1200,1000", f"--user-data-dir={profile}"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+UNITS = """return [...document.querySelectorAll('table.units[data-layer="' + arguments[0] + '"] tr[id]')].map(r => ({
+  id: r.id, cells: [...r.cells].map(c => c.textContent), iou: r.cells[2].title, threshold: r.cells[3].title,
+  img: r.querySelector('img') && {src: r.querySelector('img').getAttribute('src'), alt: r.querySelector('img').alt,
+    done: r.querySelector('img').complete, w: r.querySelector('img').naturalWidth,
+    h: r.querySelector('img').naturalHeight}}))"""
+
+
+def errors(driver) -> list[str]:
+    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def test_the_page_shows_each_layers_units_and_their_maps_as_the_tables_say(dissection, chromium):
+    index = dissection / "report" / "index.html"
+    chromium.get(index.as_uri())
+    wait_for(chromium, "return [...document.images].length > 0 && [...document.images].every(i => i.complete)")
+    assert errors(chromium) == []
+    for layer, n_units in (("neurons", 16), ("sae", 24)):
+        table = pq.read_table(dissection / layer / "dissection.parquet")
+        best = ranked_units(table)
+        maps = json.loads((dissection / layer / "maps" / "maps.json").read_text())["units"]
+        shown = chromium.execute_script(UNITS, layer)
+        assert [int(r["cells"][0]) for r in shown] == [r["unit"] for r in best] and len(best) == n_units
+        for row, want in zip(shown, best):  # every unit: best concept, IoU and threshold exactly the parquet's
+            assert row["cells"][1] == want["concept"] and row["cells"][4] == ("yes" if want["detector"] else "no")
+            assert float(row["iou"]) == want["iou"] and row["cells"][2] == f"{want['iou']:.4g}"
+            assert float(row["threshold"]) == want["threshold"]
+            img = row["img"]  # its maps: 6 tiles of the image size, over the images maps.json names
+            assert img["src"] == f"maps/{layer}/{want['unit']}.png" and img["done"]
+            assert (img["w"], img["h"]) == (6 * SIZE, SIZE)
+            assert img["alt"] == f"unit {want['unit']} over images " + ", ".join(maps[str(want["unit"])]["images"])
+        detectors: dict[str, int] = {}
+        for r in best:
+            detectors[r["concept"]] = detectors.get(r["concept"], 0) + r["detector"]
+        got = chromium.execute_script(
+            f"return [...document.querySelectorAll('table.concepts[data-layer=\"{layer}\"] tr')].slice(1)"
+            ".map(r => [r.cells[0].textContent, +r.cells[1].textContent])")
+        assert dict(got) == {c: n for c, n in detectors.items() if n} and got  # a random conv still has detectors
+
+    # a concept's best unit: its link leads to that unit's row, whose maps are on screen
+    first = chromium.find_element(By.CSS_SELECTOR, 'table.concepts[data-layer="neurons"] a')
+    concept = chromium.execute_script("return arguments[0].closest('tr').cells[0].textContent", first)
+    want = max((r for r in ranked_units(pq.read_table(dissection / "neurons" / "dissection.parquet"))
+                if r["detector"] and r["concept"] == concept), key=lambda r: r["iou"])
+    first.click()
+    assert chromium.current_url.endswith(f"#neurons-u{want['unit']}")
+    img = chromium.find_element(By.CSS_SELECTOR, f"#neurons-u{want['unit']} img")
+    assert img.is_displayed() and chromium.execute_script(
+        "const r = arguments[0].getBoundingClientRect(); return r.width > 0 && r.top >= 0 && r.top < innerHeight", img)
+    assert errors(chromium) == []
+
+
+def test_a_missing_map_is_a_console_error(dissection, chromium, tmp_path):
+    """The console check above can fail: the same page with one map image gone reports it."""
+    page = tmp_path / "report"
+    shutil.copytree(dissection / "report", page)
+    gone = next((page / "maps" / "sae").glob("*.png"))
+    gone.unlink()
+    chromium.get((page / "index.html").as_uri())
+    wait_for(chromium, "return [...document.images].every(i => i.complete)")
+    assert any(gone.name in m for m in errors(chromium))
