@@ -130,20 +130,6 @@ def test_data_parallel_training_matches_one_process_and_resumes_after_kill_9(tmp
     assert not ckpt.exists()
 
 
-def test_a_kind_without_an_exact_data_parallel_step_is_refused(tmp_path, store, monkeypatch):
-    from unitscope import distributed
-    from unitscope.dictionaries.train import TrainConfig, Trainer
-    from unitscope.errors import UnitscopeError
-    from unitscope.store import Store
-
-    monkeypatch.setattr(distributed, "active", lambda: True)  # as under torchrun; refused before any collective
-    for cfg, what in ((TrainConfig(architecture="batchtopk", n_units=64, k=4, batch_size=128), "'batchtopk'"),
-                      (TrainConfig(n_units=64, k=4, batch_size=128, resample_every=10), "resample_every=10")):
-        with pytest.raises(UnitscopeError, match=f"takes topk, .* not .*{what}"):
-            Trainer(Store.open(store), "blocks.1.resid_post", cfg, tmp_path / "d")
-    assert not (tmp_path / "d").exists()
-
-
 class _Rows:
     """A training source of seeded sparse rows (no store, no model): batch b is the same on every call and rank."""
 
@@ -166,7 +152,9 @@ class _Rows:
             b += 1
 
 
-KINDS = ("topk", "matryoshka_topk", "standard", "jumprelu")
+# every trainable kind's step, and resampling (chosen on rank 0 from the gathered global batch); batchtopk picks the
+# k x 64 largest activations of the global batch, not k x 32 of each rank's half
+KINDS = ("topk", "batchtopk", "matryoshka_topk", "standard", "jumprelu", "topk-resample")
 
 
 def _train_kinds(rank, world, init_file, root):
@@ -179,8 +167,10 @@ def _train_kinds(rank, world, init_file, root):
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     for kind in KINDS:
         extra = {"prefixes": [8, 16]} if kind == "matryoshka_topk" else {}
-        cfg = TrainConfig(architecture=kind, n_units=32, k=4, batch_size=64, train_tokens=64 * 60, dead_tokens=640,
-                          checkpoint_every=1000, compute_dtype="float32", extra=extra)
+        resample = kind.endswith("-resample")  # latents dead after 3 batches without firing are resampled
+        cfg = TrainConfig(architecture=kind.removesuffix("-resample"), n_units=32, k=4, batch_size=64,
+                          train_tokens=64 * 60, dead_tokens=192 if resample else 640, checkpoint_every=1000,
+                          compute_dtype="float32", resample_every=10 if resample else 0, extra=extra)
         Trainer(_Rows(), "x", cfg, f"{root}/{kind}-{world}", progress=False).run()
     if world > 1:
         dist.destroy_process_group()
@@ -199,3 +189,8 @@ def test_every_data_parallel_kind_matches_one_process(tmp_path):
         assert diff < 1e-4, kind
         log1, log2 = (json.loads((tmp_path / f"{kind}-{w}" / "train.json").read_text())["log"] for w in (1, 2))
         assert [r["l0"] for r in log1] == pytest.approx([r["l0"] for r in log2], abs=0.02)
+    summaries = [json.loads((tmp_path / f"topk-resample-{w}" / "train.json").read_text()) for w in (1, 2)]
+    assert summaries[0]["resampled"] == summaries[1]["resampled"] > 0  # resampling really ran, the same on both
+    # BatchTopK's running threshold (saved as the JumpReLU threshold) is the global batch's smallest kept value
+    th1, th2 = (_weights(tmp_path / f"batchtopk-{w}")["threshold"] for w in (1, 2))
+    assert torch.allclose(th1, th2, rtol=1e-5) and float(th1[0]) > 0

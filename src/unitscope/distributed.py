@@ -79,11 +79,36 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
-def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In place over ranks (sum or max); the tensor itself for one process."""
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def broadcast_(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's values of `t` on every rank, in place (the same shape everywhere); `t` itself for one process."""
     if active():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        dist.broadcast(t, src=0)
     return t
+
+
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In place over ranks (sum, max or min); the tensor itself for one process."""
+    if active():
+        dist.all_reduce(t, op=_OPS[op])
+    return t
+
+
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `t` concatenated in rank order (ranks may hold different row counts): the global batch
+    from the ranks' slices. `t` itself for one process."""
+    if not active():
+        return t
+    counts = t.new_zeros(world(), dtype=torch.long)
+    counts[rank()] = t.shape[0]
+    dist.all_reduce(counts)
+    most = int(counts.max())
+    padded = torch.cat([t, t.new_zeros(most - t.shape[0], *t.shape[1:])]) if t.shape[0] < most else t.contiguous()
+    parts = [torch.empty_like(padded) for _ in range(world())]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:int(c)] for p, c in zip(parts, counts)])
 
 
 def all_reduce_grads(params: list[torch.Tensor]) -> None:
@@ -143,6 +168,43 @@ def for_command(command: str) -> bool:
         return False
     os.environ["WORLD_SIZE"] = "1"
     return True
+
+
+def in_data_parallel() -> bool:
+    """Inside a data-parallel step with several ranks: batch-level selections must be made over the global batch."""
+    return _DP
+
+
+def global_rows(like: torch.Tensor) -> int:
+    """The global batch's row count in a data-parallel step (`like`'s rows summed over ranks); its own otherwise."""
+    if not _DP:
+        return like.shape[0]
+    t = torch.tensor([like.shape[0]], dtype=torch.long, device=like.device)  # NCCL reduces CUDA tensors only
+    dist.all_reduce(t)
+    return int(t)
+
+
+def any_rank(flag: bool, like: torch.Tensor) -> bool:
+    """Whether `flag` holds on some rank (in a data-parallel step; `flag` itself otherwise): keeps loops that hold
+    collectives in lockstep. `like`: a tensor on this rank's device."""
+    if not _DP:
+        return flag
+    t = torch.tensor([int(flag)], device=like.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t)
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest of `values` (1-D) over every rank's values in a data-parallel step, over `values` otherwise.
+    Only each rank's own top k travel (padded with -inf), so the cost is k floats per rank, not the whole batch."""
+    top = values.topk(min(k, values.numel()), sorted=False).values
+    if _DP:
+        if top.numel() < k:
+            top = torch.cat([top, top.new_full((k - top.numel(),), float("-inf"))])
+        parts = [torch.empty_like(top) for _ in range(world())]
+        dist.all_gather(parts, top)
+        top = torch.cat(parts)
+    return top.topk(min(k, top.numel()), sorted=False).values.min()
 
 
 def row_mean(t: torch.Tensor) -> torch.Tensor:

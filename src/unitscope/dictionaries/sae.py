@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from .. import distributed
 from ..distributed import batch_mean, batch_sum, row_mean
 from ..errors import UnitscopeError
 from .base import FORMATS, Dictionary, register, require_weights
@@ -434,6 +435,8 @@ class BatchTopKSAE(TopKSAE):
         """The k*B largest positive pre-activations of the batch, as (idx[B, m], mask): each row's picks padded
         to the row with most. They are found among each row's top M candidates (M doubles until no row has
         all its candidates picked, which proves no pick lies beyond them), cheaper than a topk over all B*n."""
+        if distributed.in_data_parallel():
+            return self._select_top_global(pre)
         b, n = pre.shape
         n_keep = min(self.k * b, pre.numel())
         width = min(n, 4 * self.k)
@@ -445,17 +448,37 @@ class BatchTopKSAE(TopKSAE):
             if width == n or not chosen.all(1).any():
                 break
             width = min(n, 2 * width)
-        chosen &= cand.values > 0
+        return self._padded(cand, chosen)
+
+    @staticmethod
+    def _padded(cand, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen = chosen & (cand.values > 0)
         m = max(1, int(chosen.sum(1).max()))
         order = chosen.float().topk(m, dim=1, sorted=False).indices
         return cand.indices.gather(1, order), chosen.gather(1, order)
 
+    def _select_top_global(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`select_top` over the global batch in a data-parallel step: the picks are this rank's rows' values at or
+        above the (k * global rows)-th largest value of the global candidates (`distributed.kth_largest`: only each
+        rank's top values travel), and the candidates widen on every rank while any rank has a row wholly picked."""
+        n = pre.shape[1]
+        n_keep = self.k * distributed.global_rows(pre)
+        width = min(n, 4 * self.k)
+        while True:
+            cand = pre.topk(width, dim=1, sorted=False)
+            chosen = cand.values >= distributed.kth_largest(cand.values.flatten(), n_keep)
+            if width == n or not distributed.any_rank(bool(chosen.all(1).any()), pre):
+                return self._padded(cand, chosen)
+            width = min(n, 2 * width)
+
     @torch.no_grad()
     def after_step(self, fired_values: torch.Tensor) -> None:
         """Running estimate of the smallest kept activation: the threshold that replaces the batch at inference."""
-        if not len(fired_values):
+        low = fired_values.min() if len(fired_values) else fired_values.new_tensor(float("inf"))
+        if distributed.in_data_parallel():  # the global batch's smallest kept activation
+            low = distributed.all_reduce_(low.detach().clone().reshape(1), "min").reshape(())
+        if not torch.isfinite(low):
             return
-        low = fired_values.min()
         if self.topk_threshold == 0:
             self.topk_threshold.fill_(low)  # start the running estimate at the first batch's value
         else:

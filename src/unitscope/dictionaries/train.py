@@ -39,9 +39,10 @@ from .sources import LiveSource, StoreSource
 
 CKPT = "checkpoint"
 # kinds whose loss is a sum over rows once the FVU's statistics and the penalties' means are global (sae.fvu,
-# distributed.row_mean): exact data-parallel steps. BatchTopK (a selection over the whole batch) is not, yet.
-DATA_PARALLEL_KINDS = ("topk", "matryoshka_topk", "topk_transcoder", "topk_skip_transcoder", "standard", "jumprelu",
-                       "transcoder", "skip_transcoder")
+# distributed.row_mean), and BatchTopK, whose selection is made over the global batch (distributed.kth_largest):
+# exact data-parallel steps. Resampling chooses on rank 0 from the gathered global batch (resample_dead).
+DATA_PARALLEL_KINDS = ("topk", "batchtopk", "matryoshka_topk", "topk_transcoder", "topk_skip_transcoder", "standard",
+                       "jumprelu", "transcoder", "skip_transcoder")
 
 
 def checkpoint_dir(out: str | Path) -> Path:
@@ -173,11 +174,9 @@ class Trainer:
                  progress: bool = True, target_site: str | None = None):
         cfg.validate()
         distributed.init(cfg.device)
-        if distributed.active() and (cfg.architecture not in DATA_PARALLEL_KINDS or cfg.resample_every):
-            raise UnitscopeError(
-                f"data-parallel training (torchrun) takes {', '.join(DATA_PARALLEL_KINDS)} without resampling, not "
-                f"{cfg.architecture!r}" + (f" with resample_every={cfg.resample_every}" if cfg.resample_every else "")
-                + "; run it as one process")
+        if distributed.active() and cfg.architecture not in DATA_PARALLEL_KINDS:
+            raise UnitscopeError(f"data-parallel training (torchrun) takes {', '.join(DATA_PARALLEL_KINDS)}, not "
+                                 f"{cfg.architecture!r}; run it as one process")
         self.site, self.cfg, self.progress = site, cfg, progress
         self.out = out if is_url(out) else Path(out)
         self.target_site = target_site
@@ -200,6 +199,7 @@ class Trainer:
         self.logger = _logger(cfg, out) if distributed.is_main() else None
         self.log: list[dict[str, float]] = []
         self.seconds = 0.0
+        self.resampled = 0  # latents restarted by resample_dead
 
     # ---- checkpoints ----------------------------------------------------------------------------
     # `.NAME.checkpoint/` holds the two newest checkpoints as STEP.safetensors + STEP.json (and state.json, a
@@ -246,7 +246,8 @@ class Trainer:
                 tensors[f"adam.{name}.step"] = torch.as_tensor(st["step"]).reshape(1).float()
         tensors["since_fired"] = self.since_fired.cpu().clone()
         state = {"step": self.step, "scale": self.scale, "out_scale": self.out_scale, "config": asdict(self.cfg),
-                 "site": self.site, "log": self.log, "seconds": self.seconds, "data": self._data_identity()}
+                 "site": self.site, "log": self.log, "seconds": self.seconds, "data": self._data_identity(),
+                 "resampled": self.resampled}
         js, st_path = d / f"{self.step:09d}.json", d / f"{self.step:09d}.safetensors"
         tmp = st_path.with_name(st_path.name + ".tmp")
         save_file(tensors, str(tmp))
@@ -293,6 +294,7 @@ class Trainer:
         self.step, self.scale, self.log = state["step"], state["scale"], state["log"]
         self.out_scale = state.get("out_scale", self.scale)
         self.seconds = state.get("seconds", 0.0)
+        self.resampled = state.get("resampled", 0)
         return True
 
     def _data_identity(self) -> dict[str, Any]:
@@ -424,22 +426,28 @@ class Trainer:
         The decoder row becomes the (unit-norm) residual of a high-loss input, the encoder row that direction
         scaled to 0.2 x the mean alive encoder norm, the bias 0; their Adam moments are reset.
         """
-        dead = (self.since_fired >= self.dead_tokens).nonzero().flatten()
+        dead = (self.since_fired >= self.dead_tokens).nonzero().flatten()  # the same on every rank
         if not len(dead):
             return 0
         sae = self.sae
-        codes, recon = sae.reconstruct(x)
-        err = (x - recon).pow(2).sum(1) if sae.d_out == sae.d_in else (x - x.mean(0)).pow(2).sum(1)
-        gen = torch.Generator(device=x.device).manual_seed(self.cfg.seed + self.step)
-        pick = torch.multinomial(err / err.sum(), len(dead), replacement=len(dead) > len(err), generator=gen)
-        target = (x - recon)[pick] if sae.d_out == sae.d_in else x[pick]
-        dirs = target / target.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        alive = torch.ones(sae.n_units, dtype=torch.bool, device=x.device)
-        alive[dead] = False
-        enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+        x = distributed.gather_rows(x)  # under torchrun the global batch, the rows one process would choose from
+        # rank 0 chooses the rows and the new weights, every rank takes its choice: [decoder rows | encoder columns]
+        new = x.new_zeros(len(dead), sae.d_out + sae.d_in)
+        if distributed.is_main():
+            codes, recon = sae.reconstruct(x)
+            err = (x - recon).pow(2).sum(1) if sae.d_out == sae.d_in else (x - x.mean(0)).pow(2).sum(1)
+            gen = torch.Generator(device=x.device).manual_seed(self.cfg.seed + self.step)
+            pick = torch.multinomial(err / err.sum(), len(dead), replacement=len(dead) > len(err), generator=gen)
+            target = (x - recon)[pick] if sae.d_out == sae.d_in else x[pick]
+            new[:, :sae.d_out] = target / target.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            alive = torch.ones(sae.n_units, dtype=torch.bool, device=x.device)
+            alive[dead] = False
+            enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+            new[:, sae.d_out:] = x[pick] / x[pick].norm(dim=1, keepdim=True).clamp_min(1e-8) * 0.2 * enc_norm
+        distributed.broadcast_(new)
         if sae.d_out == sae.d_in:
-            sae.W_dec[dead] = dirs
-        sae.W_enc[:, dead] = (x[pick] / x[pick].norm(dim=1, keepdim=True).clamp_min(1e-8)).t() * 0.2 * enc_norm
+            sae.W_dec[dead] = new[:, :sae.d_out]
+        sae.W_enc[:, dead] = new[:, sae.d_out:].t()
         sae.b_enc[dead] = 0
         for p, rows in ((sae.W_dec, dead), (sae.b_enc, dead)):
             st = self.opt.state.get(p, {})
@@ -451,6 +459,7 @@ class Trainer:
             if key in st:
                 st[key][:, dead] = 0
         self.since_fired[dead] = 0
+        self.resampled += len(dead)
         return len(dead)
 
     def postfix(self) -> dict[str, str]:
@@ -492,7 +501,7 @@ class Trainer:
                    "compute_dtype": self.compute_dtype_used(),
                    "tokens": self.step * self.cfg.batch_size, "seconds": round(self.seconds, 2),
                    "tokens_per_s": round(self.step * self.cfg.batch_size / max(self.seconds, 1e-9), 1),
-                   "log": self.log}
+                   **({"resampled": self.resampled} if self.cfg.resample_every else {}), "log": self.log}
         if distributed.is_main():
             final.save(self.out, extra={"train.json": summary})
         distributed.barrier()
