@@ -395,3 +395,92 @@ def test_training_to_s3_killed_mid_run_resumes_from_its_local_checkpoint_to_the_
     assert _same_weights(s3_weights, load_file(str(tmp_path / "ref" / "sae_weights.safetensors")))
     assert json.loads(_saved(fs, "bucket/killed-sae", "train.json"))["steps"] == 400
     assert not list(ckpts.glob("*.checkpoint"))  # the checkpoints go once the dictionary is uploaded
+
+
+# ---- a whole run kept on S3 ------------------------------------------------------------------------------------
+
+RUN = ["--site", "blocks.1.resid_post", "--tokens", "3000", "--ctx-len", "16", "--record-batch-size", "1",
+       "--shard-tokens", "512", "--units", "64", "--k", "4", "--batch-size", "128", "--train-tokens", "25600",
+       "--checkpoint-every", "20", "--eval-tokens", "512", "--eval-batch-size", "1", "--top", "5", "--quiet"]
+DID = "topk-64-k4"
+
+
+def _remote_results(fs, url_path):
+    from unitscope.dictionaries import load_dictionary
+
+    metrics = json.loads(fs.cat_file(f"{url_path}/evals/{DID}/core.json"))["eval_result_metrics"]
+    weights = _weights_of(load_dictionary(f"s3://{url_path}/dictionaries/{DID}"))
+    tables = {n: pq.read_table(fs.open(f"{url_path}/explain/{DID}/{n}.parquet", "rb")).to_pylist()
+              for n in ("units", "examples")}
+    return metrics, weights, tables
+
+
+def _local_results(root):
+    from unitscope.dictionaries import load_dictionary
+
+    metrics = json.loads((root / "evals" / DID / "core.json").read_text())["eval_result_metrics"]
+    weights = _weights_of(load_dictionary(root / "dictionaries" / DID))
+    tables = {n: pq.read_table(root / "explain" / DID / f"{n}.parquet").to_pylist() for n in ("units", "examples")}
+    return metrics, weights, tables
+
+
+def test_a_run_kept_on_s3_killed_twice_and_resumed_on_another_machine_is_the_local_run(tmp_path, tiny_model_dir, s3):
+    """`run --out s3://...` killed while it trains, resumed on a machine without its scratch folder (it downloads
+    the run) and killed while it explains, then finished: the store, dictionary, evaluation and tables on S3 are
+    those of an uninterrupted local run, and run.json there calls every stage done."""
+    from unitscope.run_sync import RemoteRun
+
+    fs, env = s3
+    assert main(["run", "--model", str(tiny_model_dir), *RUN, "--runs-dir", str(tmp_path / "ref")]) == 0
+    ref = tmp_path / "ref" / "default"
+    url = "s3://bucket/run"
+    args = [sys.executable, "-m", "unitscope", "run", "--model", str(tiny_model_dir), *RUN, "--out", url]
+
+    def scratch_of(cache):
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("UNITSCOPE_CACHE", str(cache))
+            m.setattr("unitscope.fs.cache_root", lambda: cache / "remote")
+            return RemoteRun(url).scratch
+
+    landed = []
+    for cache, stage in ((tmp_path / "machine-1", "train"), (tmp_path / "machine-2", "explain")):
+        scratch = scratch_of(cache)
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, **env, "UNITSCOPE_CACHE": str(cache)})
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not _stage_running(scratch, stage):
+            time.sleep(0.01)
+        time.sleep(0.3)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            landed.append(stage)
+        proc.wait()
+        remote_state = json.loads(fs.cat_file("bucket/run/run.json"))
+        assert remote_state["stages"]["record"]["status"] == "done"  # uploaded after the record stage
+    assert landed == ["train", "explain"]
+    p = run_cli(*args[3:], env={**env, "UNITSCOPE_CACHE": str(tmp_path / "machine-2")})
+    assert p.returncode == 0, p.stderr
+    assert "[record] already done" in p.stdout and "[eval] already done" in p.stdout
+    state = json.loads(fs.cat_file("bucket/run/run.json"))
+    assert all(state["stages"][s]["status"] == "done" for s in ("record", "train", "eval", "explain", "report"))
+    assert Store.open(f"{url}/store").manifest == Store.open(ref / "store").manifest
+    (m1, w1, t1), (m2, w2, t2) = _local_results(ref), _remote_results(fs, "bucket/run")
+    assert _same_weights(w1, w2) and m1 == m2 and t1 == t2
+    assert fs.exists(f"bucket/run/report/{DID}/index.html") and fs.exists("bucket/run/compare.parquet")
+    assert not fs.exists("bucket/run/store/run.json") and not [p for p in fs.find("bucket/run") if "checkpoint" in p]
+
+
+def _stage_running(root, stage):
+    try:
+        state = json.loads((root / "run.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return state["stages"].get(stage, {}).get("status") == "running"
+
+
+def test_a_run_refuses_a_url_where_it_would_write_locally(tmp_path, capsys):
+    assert main(["run", "--runs-dir", "s3://bucket/runs", "--quiet"]) == 2
+    assert "--runs-dir takes a local folder, not 's3://bucket/runs'" in capsys.readouterr().err
+    assert main(["run", "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    assert "--out takes an object store URL" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() and not os.path.exists("s3:")

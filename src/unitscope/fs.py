@@ -131,7 +131,7 @@ def put_versioned(local: Path, url: str) -> str:
     vid = f"{time.time_ns():020d}-{secrets.token_hex(4)}"
     files = {}
     for name in names:
-        files[name] = {"sha256": _file_sha256(Path(local) / name)}
+        files[name] = {"sha256": file_sha256(Path(local) / name)}
         fs.put_file(str(Path(local) / name), f"{root}/{VERSIONS}/{vid}/{name}")
         _pause_for_tests()
     before = _pointer_version(fs, root)
@@ -151,7 +151,8 @@ def _pause_for_tests() -> None:
         time.sleep(float(pause))
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a local file, read in 4 MiB pieces."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -243,7 +244,7 @@ def _get_version(fs, root: str, url: str, raw: bytes, into: Path) -> None:
     for name, sha in files.items():
         try:
             fs.get_file(f"{root}/{VERSIONS}/{vid}/{name}", str(into / name))
-            problem = None if _file_sha256(into / name) == sha else "does not match its SHA-256 there"
+            problem = None if file_sha256(into / name) == sha else "does not match its SHA-256 there"
         except FileNotFoundError:
             problem = "is missing"
         if problem:

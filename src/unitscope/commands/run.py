@@ -24,6 +24,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("run", help="the whole pipeline in one run directory (defaults work offline)")
     p.add_argument("--name", default="default", help="run name (a folder under --runs-dir)")
     p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--out", default=None, metavar="URL",
+                   help="keep the run on an object store (s3://bucket/run, any fsspec URL) instead of RUNS_DIR/NAME: "
+                        "the store is recorded there, the rest is made in a local scratch folder and uploaded after "
+                        "each stage (docs/scale.md)")
     p.add_argument("--overwrite", action="append", default=[], help="redo this stage and the ones after it (or 'all')")
     options.add_model(p)
     options.add_record(p, defaults=True)
@@ -120,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
         if c.architecture in fit.FROM_LABELS:
             raise UnitscopeError(f"{c.architecture} needs labelled text; use `unitscope train --labels`")
     snmf_options = fit.fit_options(args, "snmf")
-    root = options.output_dir(Path(args.runs_dir) / args.name)
+    remote = _remote(args)
+    root = remote.scratch if remote else options.output_dir(Path(args.runs_dir) / args.name)
     run = Run(root, run_config(args, cfgs, sites), overwrite=args.overwrite)
     corpus = Corpus(args.corpus, field=args.field)
     corpus.documents()
@@ -128,8 +133,8 @@ def run(args: argparse.Namespace) -> int:
     for s in sites:
         subject.site(s)
     plan = dictionary_plan(cfgs, subject.width(sites[0]))
-    store_dir = root / "store"
-    if "record" not in run.redo and (store_dir / "store.json").is_file():  # the run's store is kept: same model?
+    store_dir = remote.store_url if remote else root / "store"
+    if "record" not in run.redo and _has_store(store_dir):  # the run's store is kept: same model?
         manifest = Store.open(store_dir).manifest
         inputs.check_same_model(subject, manifest.get("model_fingerprint"), manifest.get("model"),
                                 f"the run's store at {str(store_dir)!r}")
@@ -216,9 +221,48 @@ def run(args: argparse.Namespace) -> int:
         index = report_run(root)
         return {"index": str(index), "indexes": {did: str(report_dir / did / "index.html") for _, did in plan}}
 
+    if remote:
+        remote.push()  # what a killed attempt made but had not uploaded
     for name, fn in (("record", do_record), ("train", do_train), ("eval", do_eval), ("explain", do_explain),
                      ("compare", do_compare), ("report", do_report)):
         run.stage(name, fn)
+        if remote:
+            remote.push()
     for _, did in plan:
         print(f"report: {(report_dir / did / 'index.html').resolve()}")
+        if remote:
+            print(f"  uploaded to {remote.url}/report/{did}/index.html")
     return 0
+
+
+def _remote(args: argparse.Namespace):
+    """The RemoteRun for `--out URL` (its scratch folder pulled from the URL when this machine lacks it), or None
+    for a local run; a URL given to --runs-dir, or a local path to --out, is refused rather than written locally."""
+    from ..fs import filesystem, is_url
+
+    if is_url(args.runs_dir):
+        raise UnitscopeError(f"--runs-dir takes a local folder, not {args.runs_dir!r}; keep a run on an object store "
+                             "with --out URL (e.g. --out s3://bucket/runs/NAME)")
+    if args.out is None:
+        return None
+    if not is_url(args.out):
+        raise UnitscopeError(f"--out takes an object store URL (s3://bucket/run, any fsspec URL), not "
+                             f"{args.out!r}; a local run goes in --runs-dir/--name")
+    from ..run_sync import RemoteRun
+
+    filesystem(args.out)  # a missing backend is named before any work
+    remote = RemoteRun(args.out)
+    if remote.pull():
+        print(f"[run] downloaded the run at {remote.url} (all but its store) into {remote.scratch}")
+    print(f"[run] the store is recorded at {remote.store_url}; dictionaries, evals, explanations and the report are "
+          f"made in {remote.scratch} and uploaded to {remote.url} after each stage")
+    return remote
+
+
+def _has_store(location) -> bool:
+    from ..fs import filesystem, is_url
+
+    if is_url(location):
+        fs, path = filesystem(str(location))
+        return fs.exists(f"{path}/store.json")
+    return (Path(location) / "store.json").is_file()
