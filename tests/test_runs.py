@@ -10,7 +10,7 @@ from unitscope.commands.options import train_configs
 from unitscope.commands.run import run_config
 from unitscope.runs import STAGE_OPTIONS, STAGES, Run
 
-NOT_OPTIONS = {"help", "quiet", "name", "runs_dir", "overwrite", "func", "command"}
+NOT_OPTIONS = {"help", "quiet", "name", "runs_dir", "out", "overwrite", "func", "command"}  # where, not how
 
 
 def _config(**changes):
