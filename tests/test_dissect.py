@@ -119,6 +119,11 @@ def test_dictionary_units_equal_brute_force(tmp_path):
     write_dissection(tmp_path / "out", result)
     write_unit_maps(model, "1:output", open_dataset(tmp_path / "ds"), result, tmp_path / "out", dictionary=sae)
     assert_maps_equal(tmp_path / "out", codes, images, [r for r in result.table.to_pylist() if r["rank"] == 1], 16)
+    # without maps (map_images=0) the earlier dissection's are removed, not shown as this one's
+    again = dissect(model, "1:output", open_dataset(tmp_path / "ds"), dictionary=sae, quantile=0.05, map_images=0)
+    assert again.peak_images is None
+    assert write_unit_maps(model, "1:output", open_dataset(tmp_path / "ds"), again, tmp_path / "out") is None
+    assert not (tmp_path / "out" / "maps").exists() and (tmp_path / "out" / "dissection.parquet").is_file()
 
 
 def test_classifier_last_conv_has_a_detector_for_every_concept(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,15 @@ def overlay(images: torch.Tensor, maps: torch.Tensor, threshold: float) -> np.nd
 
 def write_unit_maps(model: nn.Module, layer: str, dataset: ImageDataset, result: Dissection, out: str | Path,
                     dictionary: Any = None, max_units: int = MAX_UNITS, batch_size: int = 16) -> Path | None:
-    """OUT/maps/ for the first `max_units` units in the page's order (`ranked_units`); None when the dissection
-    kept no peak images (`map_images=0`)."""
+    """OUT/maps/ for the first `max_units` units in the page's order (`ranked_units`); None (and an earlier
+    OUT/maps/ of this function's removed) when the dissection kept no peak images (`map_images=0`)."""
     from PIL import Image
 
-    if result.peak_images is None:
+    out = Path(out) / "maps"
+    ours = {p.name for p in out.iterdir() if re.fullmatch(r"\d+\.png|maps\.json", p.name)} if out.is_dir() else set()
+    if result.peak_images is None:  # no maps: an earlier dissection's must not pass for this one's
+        if out.is_dir() and ours == {p.name for p in out.iterdir()}:
+            shutil.rmtree(out)
         return None
     best = ranked_units(result.table)[:max_units]
     wanted: dict[int, list[int]] = {}  # image index -> the units that peak on it
@@ -60,8 +65,6 @@ def write_unit_maps(model: nn.Module, layer: str, dataset: ImageDataset, result:
             images[i] = x[j]
             for u in wanted[i]:
                 maps[i, u] = a[j, u].clone()
-    out = Path(out) / "maps"
-    ours = {p.name for p in out.iterdir() if re.fullmatch(r"\d+\.png|maps\.json", p.name)} if out.is_dir() else set()
     index = {}
     with replace_dir(out, allowed=ours) as tmp:
         for r in best:
