@@ -64,7 +64,10 @@ def _read_maps(table: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text()).get("units") or {}
+        units = json.loads(path.read_text()).get("units") or {}
+        if not isinstance(units, dict) or not all(isinstance(v, dict) for v in units.values()):
+            raise AttributeError
+        return units
     except (json.JSONDecodeError, AttributeError):
         raise UnitscopeError(f"{str(path)!r} is not the maps index `unitscope dissect` writes; rerun it") from None
 
