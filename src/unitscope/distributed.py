@@ -4,18 +4,25 @@ Launched by torchrun (WORLD_SIZE > 1 in the environment), `init()` joins the gro
 stage runs on CUDA); launched plainly, every helper here is the identity and costs nothing, so one process runs
 exactly as before. Data-parallel training needs batch-level statistics over the *global* batch (the FVU
 denominator, the residual's mean in AuxK): `batch_sum` and `batch_mean` give them while `data_parallel()` is
-active, so each rank's loss is its share of the global loss and summing the gradients gives the global gradient.
+active, so each rank's loss is its share of the global loss and summing the gradients gives the global gradient;
+`kth_largest` gives BatchTopK its global cut. A rank that crashes or stops answering never leaves the others
+waiting: every collective and the rendezvous give up after `timeout()` (UNITSCOPE_DIST_TIMEOUT) and a lost peer
+becomes one sentence (UnitscopeError), not a hang or a gloo traceback.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from .errors import UnitscopeError
 
 _DP = False  # inside a data-parallel training step
 
@@ -25,12 +32,53 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+DEFAULT_TIMEOUT = 600.0  # seconds; torch's own NCCL default (its gloo default, 30 min, is a long hang)
+
+
+def timeout() -> float:
+    """How long a rank waits for the others (joining, and at every collective) before it gives up:
+    UNITSCOPE_DIST_TIMEOUT seconds, default 600. It must exceed the longest gap between two collectives, e.g. rank
+    0 writing a checkpoint or uploading the dictionary while the others wait at the barrier."""
+    raw = os.environ.get("UNITSCOPE_DIST_TIMEOUT", "")
+    if not raw:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise UnitscopeError(f"UNITSCOPE_DIST_TIMEOUT={raw!r} is not a number of seconds; use a positive number")
+    return value
+
+
 def init(device: str = "cpu") -> None:
     """Join the process group once when launched by torchrun; a no-op for a single process."""
     if not launched() or dist.is_initialized():
         return
     backend = "nccl" if str(device).startswith("cuda") and torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    _c.init_process_group(backend, timeout=timedelta(seconds=timeout()))
+
+
+class _Collectives:
+    """torch.distributed's calls, with a failure turned into one sentence (UnitscopeError): a rank that crashed
+    closes its connections and the others fail at once; one that hangs makes them fail after `timeout()`."""
+
+    def __getattr__(self, name: str):
+        call = getattr(dist, name)
+
+        def guarded(*args: Any, **kw: Any) -> Any:
+            try:
+                return call(*args, **kw)
+            except RuntimeError as e:  # gloo's and NCCL's errors, DistStoreError (rendezvous) among them
+                who = f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}"
+                detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UnitscopeError(
+                    f"{who} lost the other ranks in {name}: one of them failed (see its own error) or did not "
+                    f"answer within {timeout():g} s (UNITSCOPE_DIST_TIMEOUT sets the wait) [{detail[:200]}]") from e
+        return guarded
+
+
+_c = _Collectives()
 
 
 def active() -> bool:
@@ -51,7 +99,7 @@ def is_main() -> bool:
 
 def barrier() -> None:
     if active():
-        dist.barrier()
+        _c.barrier()
 
 
 def local_device(device: str) -> str:
@@ -66,7 +114,7 @@ def all_gather_object(obj: Any) -> list[Any]:
     if not active():
         return [obj]
     out: list[Any] = [None] * world()
-    dist.all_gather_object(out, obj)
+    _c.all_gather_object(out, obj)
     return out
 
 
@@ -75,7 +123,7 @@ def broadcast_object(obj: Any) -> Any:
     if not active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    _c.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -85,14 +133,14 @@ _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp
 def broadcast_(t: torch.Tensor) -> torch.Tensor:
     """Rank 0's values of `t` on every rank, in place (the same shape everywhere); `t` itself for one process."""
     if active():
-        dist.broadcast(t, src=0)
+        _c.broadcast(t, src=0)
     return t
 
 
 def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In place over ranks (sum, max or min); the tensor itself for one process."""
     if active():
-        dist.all_reduce(t, op=_OPS[op])
+        _c.all_reduce(t, op=_OPS[op])
     return t
 
 
@@ -103,11 +151,11 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor:
         return t
     counts = t.new_zeros(world(), dtype=torch.long)
     counts[rank()] = t.shape[0]
-    dist.all_reduce(counts)
+    _c.all_reduce(counts)
     most = int(counts.max())
     padded = torch.cat([t, t.new_zeros(most - t.shape[0], *t.shape[1:])]) if t.shape[0] < most else t.contiguous()
     parts = [torch.empty_like(padded) for _ in range(world())]
-    dist.all_gather(parts, padded)
+    _c.all_gather(parts, padded)
     return torch.cat([p[:int(c)] for p, c in zip(parts, counts)])
 
 
@@ -119,7 +167,7 @@ def all_reduce_grads(params: list[torch.Tensor]) -> None:
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
+    _c.all_reduce(flat)
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
@@ -142,7 +190,7 @@ def batch_sum(t: torch.Tensor) -> torch.Tensor:
     if not _DP:
         return t
     t = t.detach().clone()
-    dist.all_reduce(t)
+    _c.all_reduce(t)
     return t
 
 
@@ -151,7 +199,7 @@ def batch_mean(x: torch.Tensor) -> torch.Tensor:
     if not _DP:
         return x.mean(0)
     total = torch.cat([x.detach().sum(0).reshape(-1), x.new_tensor([x.shape[0]])])
-    dist.all_reduce(total)
+    _c.all_reduce(total)
     return (total[:-1] / total[-1]).view(x.shape[1:])
 
 
@@ -180,7 +228,7 @@ def global_rows(like: torch.Tensor) -> int:
     if not _DP:
         return like.shape[0]
     t = torch.tensor([like.shape[0]], dtype=torch.long, device=like.device)  # NCCL reduces CUDA tensors only
-    dist.all_reduce(t)
+    _c.all_reduce(t)
     return int(t)
 
 
@@ -190,7 +238,7 @@ def any_rank(flag: bool, like: torch.Tensor) -> bool:
     if not _DP:
         return flag
     t = torch.tensor([int(flag)], device=like.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    _c.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t)
 
 
@@ -202,7 +250,7 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
         if top.numel() < k:
             top = torch.cat([top, top.new_full((k - top.numel(),), float("-inf"))])
         parts = [torch.empty_like(top) for _ in range(world())]
-        dist.all_gather(parts, top)
+        _c.all_gather(parts, top)
         top = torch.cat(parts)
     return top.topk(min(k, top.numel()), sorted=False).values.min()
 
@@ -213,5 +261,5 @@ def row_mean(t: torch.Tensor) -> torch.Tensor:
     if not _DP:
         return t.mean()
     n = t.new_tensor([float(t.shape[0])], dtype=torch.float64)  # on t's device: NCCL reduces CUDA tensors only
-    dist.all_reduce(n)
+    _c.all_reduce(n)
     return t.sum() / n.item()
