@@ -1,10 +1,11 @@
 """`unitscope dissect --gan-demo`: GAN dissection on the drawn-scenes world. A generator (latent = scene
 parameters + noise) and a segmenter are trained (or reused from OUT), each concept's units at the generator's
-16×16 layer are scored by IQR and searched by soft ablation, then the top N are ablated on fresh latents and
+8×8 layer of 256 units are scored by IQR and searched by soft ablation, then the top N are ablated on fresh latents and
 inserted into a region; before/after images, and the top units' thresholded maps, are written as PNG grids."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,18 +71,22 @@ def _fractions(names: list[str], f: torch.Tensor) -> dict[str, float]:
 
 
 def run_gan_demo(out: str | Path, top_n: int = 8, concepts: tuple[int, ...] | None = None, seed: int = 0,
-                 generator_steps: int = 2500, keep: float = 0.0) -> dict[str, Any]:
+                 generator_steps: int = 1500, keep: float = 0.0, random_draws: int = 5) -> dict[str, Any]:
     """Dissect every concept the generator draws (all five by default); concepts it draws on under 0.2% of the
     pixels of fresh images are listed under `not_drawn` with their fraction instead. `keep`: the search's term for
-    the other concepts (`search_units`; 0 is Bau et al.'s objective)."""
+    the other concepts (`search_units`; 0 is Bau et al.'s objective). Each concept's `passes` tests the bar: its
+    units' ablation at least halves it, every other concept changes by under a quarter of its relative change,
+    the same number of random units (mean of `random_draws` draws) leave over twice as much of it, and insertion
+    raises it in the centre region (to over twice its fraction there plus 0.05)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UnitscopeError(f"{str(out)!r} is an existing file; give a directory for the GAN dissection demo")
     out.mkdir(parents=True, exist_ok=True)
+    cpu0 = time.process_time()
     torch.manual_seed(seed)
     z, images, masks = sample_latents(3000, 32, seed)
-    seg = _trained(out / "segmenter.safetensors", Segmenter(), lambda: train_segmenter(images, masks, steps=300))
-    gen = _trained(out / f"generator{generator_steps}.safetensors", SceneGenerator(),
+    seg = _trained(out / "gan_segmenter.safetensors", Segmenter(), lambda: train_segmenter(images, masks, steps=300))
+    gen = _trained(out / f"gan_generator{generator_steps}.safetensors", SceneGenerator(),
                    lambda: train_generator(z, images, steps=generator_steps))
     z_fit, _, _ = sample_latents(400, 32, seed + 2)
     z_new, _, _ = sample_latents(200, 32, seed + 3)
@@ -91,12 +96,14 @@ def run_gan_demo(out: str | Path, top_n: int = 8, concepts: tuple[int, ...] | No
     n_units, n_classes = maps.shape[1], len(CONCEPTS) + 1
     names = ["unlabelled"] + [CONCEPTS[c] for c in sorted(CONCEPTS)]
     before = concept_fractions(seg, new_images, n_classes)
-    region = torch.zeros(new_maps.shape[2:], dtype=torch.bool)
-    region[4:12, 4:12] = True  # the centre of the 16x16 layer: the centre 16x16 pixels of the image
+    h, w = new_maps.shape[2:]
+    region = torch.zeros((h, w), dtype=torch.bool)
+    region[h // 4:3 * h // 4, w // 4:3 * w // 4] = True  # the centre quarter of the layer: of the image too
     pixel_region = torch.nn.functional.interpolate(region[None, None].float(), size=(32, 32))[0, 0].bool()
     _grid(new_images, out / "fresh.png")
     result: dict[str, Any] = {"layer": GEN_LAYER, "top_n": top_n, "fresh_latents": len(z_new),
                               "generator_steps": generator_steps, "search_keep": keep,
+                              "units_in_layer": n_units, "random_draws": random_draws,
                               "before": _fractions(names, before), "images": {"fresh": "fresh.png"},
                               "concepts": {}, "not_drawn": {}}
     for c in sorted(CONCEPTS) if concepts is None else concepts:
@@ -108,7 +115,7 @@ def run_gan_demo(out: str | Path, top_n: int = 8, concepts: tuple[int, ...] | No
         alpha = search_units(gen, seg, GEN_LAYER, c, z_fit, keep=keep)
         order = alpha.argsort(descending=True)
         curve = {}
-        for n in sorted({4, top_n, 16}):
+        for n in sorted({4, top_n, 16, 32}):
             a = torch.zeros(n_units)
             a[order[:n]] = 1
             with edit_units(gen, GEN_LAYER, a):
@@ -118,10 +125,15 @@ def run_gan_demo(out: str | Path, top_n: int = 8, concepts: tuple[int, ...] | No
         top = order[:top_n]
         a = torch.zeros(n_units)
         a[top] = 1
-        rand = torch.zeros(n_units)
-        rand[torch.randperm(n_units, generator=torch.Generator().manual_seed(seed + c))[:top_n]] = 1
-        with edit_units(gen, GEN_LAYER, rand):
-            _, rand_images = layer_maps(gen, GEN_LAYER, z_new)
+        rand_after = []  # the control: as many random units, several draws, same latents
+        for d in range(random_draws):
+            rand = torch.zeros(n_units)
+            pick = torch.randperm(n_units, generator=torch.Generator().manual_seed(1000 * c + d + seed))[:top_n]
+            rand[pick] = 1
+            with edit_units(gen, GEN_LAYER, rand):
+                _, rand_images = layer_maps(gen, GEN_LAYER, z_new)
+            rand_after.append(concept_fractions(seg, rand_images, n_classes))
+        rand_mean = torch.stack(rand_after).mean(0)
         k = mean_where_concept(maps, fit_seg == c)
         in_before = concept_fractions(seg, new_images, n_classes, pixel_region)[c]
         with edit_units(gen, GEN_LAYER, a, k=k, region=region):
@@ -134,6 +146,12 @@ def run_gan_demo(out: str | Path, top_n: int = 8, concepts: tuple[int, ...] | No
         _overlay(fit_images, maps, thresholds, top[:4].tolist(), out / f"units_{name}.png")
         others = [o for o in range(1, n_classes) if o != c and before[o] > 0]
         ranked_iqr = torch.nan_to_num(iqr, nan=-1.0).argsort(descending=True)
+        rel = float(after[c] / before[c] - 1)
+        others_rel = {names[o]: float(after[o] / before[o] - 1) for o in others}
+        passes = {"ablation_halves": rel <= -0.5,
+                  "others_much_less": all(abs(v) < abs(rel) / 4 for v in others_rel.values()),
+                  "beats_random_units": float(after[c]) < float(rand_mean[c]) / 2,
+                  "insertion_raises_region": float(in_after) > 2 * float(in_before) + 0.05}
         result["concepts"][name] = {
             "units": top.tolist(), "alpha": alpha[top].numpy().round(3).tolist(),
             "iqr_top_units": ranked_iqr[:top_n].tolist(),
@@ -143,9 +161,13 @@ def run_gan_demo(out: str | Path, top_n: int = 8, concepts: tuple[int, ...] | No
             "before": round(float(before[c]), 4),
             "ablation_after": _fractions(names, after),
             "ablation_relative": round(float(after[c] / before[c]), 4),
-            "others_relative_change": {names[o]: round(float(after[o] / before[o] - 1), 4) for o in others},
+            "others_relative_change": {k_: round(v, 4) for k_, v in others_rel.items()},
             "ablation_curve": {str(n): round(float(f[c] / before[c]), 4) for n, (f, _) in curve.items()},
-            "random_units_after": _fractions(names, concept_fractions(seg, rand_images, n_classes)),
+            "random_units_after": _fractions(names, rand_mean),
+            "random_units_relative": round(float(rand_mean[c] / before[c]), 4),
+            "random_units_others_relative_change": {names[o]: round(float(rand_mean[o] / before[o] - 1), 4)
+                                                    for o in others},
+            "passes": passes,
             "ablation_ace": round(float(after[c] - before[c]), 4),
             "insertion_region_before": round(float(in_before), 4),
             "insertion_region_after": round(float(in_after), 4),
@@ -155,5 +177,6 @@ def run_gan_demo(out: str | Path, top_n: int = 8, concepts: tuple[int, ...] | No
                        "units": f"units_{name}.png"},
         }
         write_json_atomic(out / "gan_dissection.json", result)  # each concept kept as soon as it is measured
+    result["cpu_seconds"] = round(time.process_time() - cpu0, 1)  # this process, training included if it trained
     write_json_atomic(out / "gan_dissection.json", result)
     return result

@@ -4,8 +4,11 @@ The generator maps a latent to an image. Its latent is the scene's parameters (`
 heights, the pond, two tree slots, the house, the tint) plus noise dimensions, and it is trained to reproduce
 the drawn scene (squared error): not adversarial, but a generator of the same shape as a GAN's (latent ->
 linear -> upsampling convs), so its intermediate units can be dissected and intervened on. Fresh latents are
-fresh scene parameters. The segmenter is a small fully convolutional net trained on drawn scenes with their
-exact masks (per-pixel cross-entropy).
+fresh scene parameters. Its scenes (`sample_gan_params`) have larger concepts than the classifier's (each covers
+roughly a tenth of the pixels, so an ablation's effect is measurable on a few hundred images), and its dissected
+layer is wide (256 units at 8x8, like the 8x8 layer Bau et al. dissect in Progressive GAN) so that the N units
+found for a concept are a small share of the layer. The segmenter is a small fully convolutional net trained on
+drawn scenes with their exact masks (per-pixel cross-entropy).
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .scenes import CONCEPTS, SceneParams, draw, sample_params
+from .scenes import CONCEPTS, SceneParams, draw
 
 LATENT = 24
 NOISE = 8
-GEN_LAYER = "blocks.relu2:output"  # 16x16 maps in a 32x32 generator: the layer the demo dissects
+GEN_LAYER = "blocks.relu1:output"  # 256 maps of 8x8 in a 32x32 generator: the layer the demo dissects
 
 
 def encode_params(p: SceneParams) -> np.ndarray:
@@ -36,6 +39,25 @@ def encode_params(p: SceneParams) -> np.ndarray:
     return v
 
 
+def sample_gan_params(rng: np.random.Generator) -> SceneParams:
+    """Scene parameters for the generator's world: every concept common and large (sky and grass strips of a
+    fifth to a third of the image, a pond, one or two trees, a house), on the same unlabelled backdrop."""
+    sky = float(rng.uniform(0.2, 0.35)) if rng.random() < 0.7 else 0.0
+    grass = float(rng.uniform(0.2, 0.32)) if rng.random() < 0.7 else 0.0
+    pond = None
+    if rng.random() < 0.5:
+        pond = (float(rng.uniform(0.25, 0.75)), float(rng.uniform(0.5, 0.8)), float(rng.uniform(0.2, 0.32)),
+                float(rng.uniform(0.09, 0.13)))
+    trees = [(float(rng.uniform(0.12, 0.88)), float(rng.uniform(0.3, 0.5)), float(rng.uniform(0.12, 0.17)))
+             for _ in range(int(rng.integers(1, 3)) if rng.random() < 0.6 else 0)]
+    house = None
+    if rng.random() < 0.5:
+        w = float(rng.uniform(0.25, 0.38))
+        house = (float(rng.uniform(0.02, 0.98 - w)), float(rng.uniform(0.6, 0.9)), w, float(rng.uniform(0.15, 0.25)))
+    tint = tuple(float(t) for t in rng.uniform(-0.05, 0.05, 3))
+    return SceneParams(sky, grass, pond, trees, house, tint)  # type: ignore[arg-type]
+
+
 def sample_latents(n: int, size: int, seed: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """(latents (n, LATENT + NOISE), drawn images (n, size, size, 3), masks) for n fresh scenes."""
     rng = np.random.default_rng(seed)
@@ -43,8 +65,7 @@ def sample_latents(n: int, size: int, seed: int) -> tuple[torch.Tensor, np.ndarr
     images = np.zeros((n, size, size, 3), np.uint8)
     masks = np.zeros((n, size, size), np.uint8)
     for i in range(n):
-        p = sample_params(rng)
-        p.trees = p.trees[:2]
+        p = sample_gan_params(rng)
         z[i, :LATENT] = encode_params(p)
         z[i, LATENT:] = rng.normal(0, 1, NOISE)
         images[i], masks[i] = draw(p, size, rng)
@@ -52,21 +73,24 @@ def sample_latents(n: int, size: int, seed: int) -> tuple[torch.Tensor, np.ndarr
 
 
 class SceneGenerator(nn.Module):
-    def __init__(self, width: int = 64):
+    """latent -> linear -> (stem, 4x4) -> up, conv `width` (8x8, the dissected `blocks.relu1`) -> up, conv 64
+    (16x16) -> up, conv 32 (32x32) -> RGB."""
+
+    def __init__(self, width: int = 256, stem: int = 128):
         super().__init__()
-        self.width = width
-        self.fc = nn.Sequential(nn.Linear(LATENT + NOISE, 256), nn.ReLU(), nn.Linear(256, width * 4 * 4), nn.ReLU())
+        self.stem = stem
+        self.fc = nn.Sequential(nn.Linear(LATENT + NOISE, 256), nn.ReLU(), nn.Linear(256, stem * 4 * 4), nn.ReLU())
         self.blocks = nn.Sequential(OrderedDict([
-            ("up1", nn.Upsample(scale_factor=2)), ("conv1", nn.Conv2d(width, width, 3, padding=1)),
+            ("up1", nn.Upsample(scale_factor=2)), ("conv1", nn.Conv2d(stem, width, 3, padding=1)),
             ("relu1", nn.ReLU()),
-            ("up2", nn.Upsample(scale_factor=2)), ("conv2", nn.Conv2d(width, width, 3, padding=1)),
+            ("up2", nn.Upsample(scale_factor=2)), ("conv2", nn.Conv2d(width, 64, 3, padding=1)),
             ("relu2", nn.ReLU()),
-            ("up3", nn.Upsample(scale_factor=2)), ("conv3", nn.Conv2d(width, 32, 3, padding=1)), ("relu3", nn.ReLU()),
+            ("up3", nn.Upsample(scale_factor=2)), ("conv3", nn.Conv2d(64, 32, 3, padding=1)), ("relu3", nn.ReLU()),
             ("out", nn.Conv2d(32, 3, 3, padding=1)), ("sigmoid", nn.Sigmoid()),
         ]))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.fc(z).reshape(len(z), self.width, 4, 4))
+        return self.blocks(self.fc(z).reshape(len(z), self.stem, 4, 4))
 
 
 class Segmenter(nn.Module):
@@ -86,9 +110,10 @@ def _images(images: np.ndarray) -> torch.Tensor:
 
 
 def train_generator(z: torch.Tensor, images: np.ndarray, steps: int = 600, batch_size: int = 64, seed: int = 0,
-                    lr: float = 2e-3) -> SceneGenerator:
+                    lr: float = 2e-3, **sizes: int) -> SceneGenerator:
+    """Adam on squared error; `sizes` (width, stem) pass to SceneGenerator (tests train a narrow one)."""
     torch.manual_seed(seed)
-    gen_model, x = SceneGenerator(), _images(images)
+    gen_model, x = SceneGenerator(**sizes), _images(images)
     opt = torch.optim.Adam(gen_model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
