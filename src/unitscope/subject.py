@@ -8,10 +8,12 @@ directory, keyed by the file's hash.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -59,6 +61,12 @@ class Subject:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go. A model loaded with a device map (`--device auto`) spans several devices and may hold
+        offloaded weights on `meta`: its inputs go to its first GPU, or the CPU (accelerate's hooks move them on)."""
+        device_map = getattr(self.model, "hf_device_map", None)
+        if device_map:
+            gpus = sorted(v for v in device_map.values() if isinstance(v, int))
+            return torch.device("cuda", gpus[0]) if gpus else torch.device("cpu")
         return next(self.model.parameters()).device
 
     @property
@@ -125,18 +133,59 @@ class Subject:
 def model_fingerprint(model: nn.Module, samples: int = 4096) -> str:
     """sha256 over every parameter's name, shape and an evenly strided sample of its values (rounded to bfloat16,
     so the float32 and bfloat16 copies of one model agree). Reads ~4k values per tensor: milliseconds."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+
+    def sample(p: torch.Tensor) -> bytes:
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // samples)
-        vals = flat[::step][:samples].to("cpu", torch.bfloat16).float()
+        return flat[::step][:samples].to("cpu", torch.bfloat16).float().numpy().tobytes()
+
+    named = dict(model.named_parameters())  # a tied weight once, under its first name
+    values = {n: sample(p) for n, p in named.items() if p.device.type != "meta"}
+    if len(values) < len(named):  # weights offloaded by a device map: each module's are loaded in turn
+        from accelerate.utils import align_module_device
+
+        for prefix, module in model.named_modules():
+            own = [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters(recurse=False)]
+            if any(n in named and n not in values for n in own):
+                with align_module_device(module, torch.device("cpu")):
+                    for n, p in module.named_parameters(recurse=False):
+                        full = f"{prefix}.{n}" if prefix else n
+                        if full in named and full not in values:
+                            values[full] = sample(p)
+    h = hashlib.sha256()
+    for name, p in sorted(named.items()):
         h.update(f"{name}:{tuple(p.shape)}".encode())
-        h.update(vals.numpy().tobytes())
+        h.update(values[name])
     return h.hexdigest()[:20]
 
 
+_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$", re.IGNORECASE)
+
+
+def parse_device_map(device: str) -> dict[int | str, int | str] | None:
+    """`auto` or `auto:DEVICE=SIZE,...` (e.g. `auto:0=70GiB,cpu=100GiB`): the caps of a device map, {} for plain
+    `auto` (accelerate fills the GPUs, then the CPU, then disk); None for a plain device name."""
+    if device != "auto" and not device.startswith("auto:"):
+        return None
+    caps: dict[int | str, int | str] = {}
+    for item in filter(None, device.removeprefix("auto").removeprefix(":").split(",")):
+        key, _, size = (part.strip() for part in item.partition("="))
+        if not (key.isdigit() or key in ("cpu", "mps")) or not _SIZE.match(size):
+            raise UnitscopeError(f"{item!r} in --device {device!r} is not DEVICE=SIZE; use e.g. "
+                                 "auto:0=70GiB,1=70GiB,cpu=100GiB (GPU index or cpu, bytes or KB/MB/GB/GiB...)")
+        caps[int(key) if key.isdigit() else key] = int(size) if size.isdigit() else size.replace(" ", "")
+    gpus = [k for k in caps if isinstance(k, int)]
+    if gpus and max(gpus) >= torch.cuda.device_count():
+        raise UnitscopeError(f"--device {device!r} caps GPU {max(gpus)}, but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    return caps
+
+
 def check_device(device: str) -> torch.device:
-    """Parse a device name and make sure this machine has it (one sentence otherwise)."""
+    """Parse a device name and make sure this machine has it (one sentence otherwise). `auto[:caps]` (a device
+    map over every device, see parse_device_map) gives the device its inputs go to."""
+    if parse_device_map(device) is not None:
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -156,17 +205,23 @@ def check_device(device: str) -> torch.device:
 
 def load_subject(spec: str | nn.Module = "default", dtype: str | torch.dtype = "float32",
                  device: str = "cpu", tokenizer: Any = None) -> Subject:
-    """Load a model and tokenizer from a name, path, hub id, or an already-built module."""
+    """Load a model and tokenizer from a name, path, hub id, or an already-built module. `device="auto"` (or
+    `auto:0=70GiB,cpu=100GiB`) loads a transformers model with a device map: split over the GPUs, then the CPU,
+    then disk (accelerate's offload), for a model too large for one device."""
     dt = parse_dtype(dtype)
     check_device(device)
+    from .modules import is_module_spec, load_module  # any nn.Module: FILE.py:FUNCTION, torchvision/timm + weights
+
+    device_map = parse_device_map(device)
+    if device_map is not None and (isinstance(spec, nn.Module) or is_module_spec(spec)):
+        raise UnitscopeError(f"--device {device!r} (a device map) loads transformers models only, not "
+                             f"{type(spec).__name__ if isinstance(spec, nn.Module) else spec!r}; give one device")
     if isinstance(spec, nn.Module):
         if tokenizer is None:
             raise UnitscopeError(
                 "a model passed as an nn.Module needs its tokenizer: load_subject(model, tokenizer=tok)")
         return Subject(spec.to(device=device, dtype=dt).eval(), tokenizer, type(spec).__name__)
     spec = str(spec)
-    from .modules import is_module_spec, load_module  # any nn.Module: FILE.py:FUNCTION, torchvision/timm + weights
-
     if is_module_spec(spec):
         return Subject(load_module(spec).to(device=device, dtype=dt).eval(), tokenizer, spec, spec=spec)
     if spec in DEFAULT_NAMES:
@@ -185,8 +240,20 @@ def load_subject(spec: str | nn.Module = "default", dtype: str | torch.dtype = "
                 f"unknown model {spec!r}: it is not one of {', '.join(DEFAULT_NAMES)}, not a local directory or "
                 ".gguf file, not in the Hugging Face cache, and the hub cannot be reached (no network)"
             )
+    if device_map is not None:
+        model, tok = _from_pretrained(path, spec, dtype=dt, device_map=device_map)
+        return Subject(model.eval(), tok, name, spec=spec)
     model, tok = _from_pretrained(path, spec)
     return Subject(model.to(device=device, dtype=dt).eval(), tok, name, spec=spec)
+
+
+def _offload_folder() -> str:
+    """A private folder for the weights a device map puts on disk; removed when this process exits."""
+    root = cache_dir() / "offload"
+    root.mkdir(parents=True, exist_ok=True)
+    folder = tempfile.mkdtemp(dir=root, prefix=f"{os.getpid()}-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def _check_gguf_magic(path: Path) -> None:
@@ -272,7 +339,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _from_pretrained(path: str | Path, spec: str):
+def _from_pretrained(path: str | Path, spec: str, dtype: torch.dtype = torch.float32,
+                     device_map: dict[int | str, int | str] | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -287,7 +355,15 @@ def _from_pretrained(path: str | Path, spec: str):
             + "; convert it with `model.save_pretrained(dir, safe_serialization=True)`")
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True)
+        if device_map is None:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+        else:
+            if importlib.util.find_spec("accelerate") is None:
+                raise UnitscopeError("--device auto (a device map) needs the package accelerate; install it with "
+                                     "`pip install 'unitscope[scale]'` or `pip install accelerate`")
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dtype, use_safetensors=True, device_map="auto", max_memory=device_map or None,
+                offload_folder=_offload_folder())
     except (OSError, ValueError) as e:
         if Path(str(path)).exists():
             raise UnitscopeError(f"could not load a model from {spec!r}: {str(e).splitlines()[0]}") from None
