@@ -117,7 +117,8 @@ def add_model(p: argparse.ArgumentParser, default: str | None = "default", what:
                         + (f"; default: {what}" if what else ""))
     p.add_argument("--dtype", type=dtype, default=None if default is None else "float32",
                    help="float32 or bfloat16 (model compute" + (", default: the store's)" if default is None else ")"))
-    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", type=device, default="cpu",
+                   help="cpu, cuda, cuda:1, ..., or auto[:0=70GiB,cpu=100GiB] (a device map: GPUs, CPU, disk)")
 
 
 def add_record(p: argparse.ArgumentParser, defaults: bool) -> None:
