@@ -442,7 +442,7 @@ def test_a_run_kept_on_s3_killed_twice_and_resumed_on_another_machine_is_the_loc
             m.setattr("unitscope.fs.cache_root", lambda: cache / "remote")
             return RemoteRun(url).scratch
 
-    landed = []
+    landed, recorded = [], None
     for cache, stage in ((tmp_path / "machine-1", "train"), (tmp_path / "machine-2", "explain")):
         scratch = scratch_of(cache)
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -450,19 +450,22 @@ def test_a_run_kept_on_s3_killed_twice_and_resumed_on_another_machine_is_the_loc
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None and not _stage_running(scratch, stage):
             time.sleep(0.01)
-        time.sleep(0.3)
+        time.sleep(0.05)
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             landed.append(stage)
         proc.wait()
-        remote_state = json.loads(fs.cat_file("bucket/run/run.json"))
-        assert remote_state["stages"]["record"]["status"] == "done"  # uploaded after the record stage
+        remote_state = json.loads(fs.cat_file("bucket/run/run.json"))["stages"]
+        assert remote_state["record"]["status"] == "done"  # uploaded after the record stage
+        assert remote_state.get(stage, {}).get("status") != "done"  # the kill landed before the stage ended
+        recorded = recorded if landed[1:] else remote_state["record"]["finished"]
     assert landed == ["train", "explain"]
     p = run_cli(*args[3:], env={**env, "UNITSCOPE_CACHE": str(tmp_path / "machine-2")})
     assert p.returncode == 0, p.stderr
     assert "[record] already done" in p.stdout and "[eval] already done" in p.stdout
     state = json.loads(fs.cat_file("bucket/run/run.json"))
     assert all(state["stages"][s]["status"] == "done" for s in ("record", "train", "eval", "explain", "report"))
+    assert state["stages"]["record"]["finished"] == recorded  # machine 2 took machine 1's record stage as done
     assert Store.open(f"{url}/store").manifest == Store.open(ref / "store").manifest
     (m1, w1, t1), (m2, w2, t2) = _local_results(ref), _remote_results(fs, "bucket/run")
     assert _same_weights(w1, w2) and m1 == m2 and t1 == t2
