@@ -67,3 +67,12 @@ def test_device_map_specs_are_checked():
             parse_device_map("auto:0=1GiB")
     with pytest.raises(UnitscopeError, match="loads transformers models only"):
         load_subject(torch.nn.Linear(2, 2), device="auto", tokenizer=object())
+
+
+def test_a_device_map_is_refused_where_one_device_is_needed(capsys):
+    from unitscope.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--store", "s", "--train-device", "auto"])
+    assert e.value.code == 2
+    assert "'auto' is a device map, for --device (the model) only; give one device" in capsys.readouterr().err

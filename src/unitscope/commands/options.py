@@ -79,6 +79,14 @@ def device(text: str) -> str:
     return text
 
 
+def single_device(text: str) -> str:
+    """A device for tensors (training): `auto`, a model's device map, is not one."""
+    if text == "auto" or text.startswith("auto:"):
+        raise argparse.ArgumentTypeError(f"{text!r} is a device map, for --device (the model) only; give one device "
+                                         "here: cpu, cuda, cuda:1, ...")
+    return device(text)
+
+
 def dtype(text: str) -> str:
     from ..subject import DTYPES
 
@@ -147,7 +155,7 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=positive_int, default=50, help="steps between checkpoints")
     p.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="encoder product dtype: auto (bfloat16 where the hardware is fast at it), float32, bfloat16")
-    p.add_argument("--train-device", type=device, default="cpu", help="device for training (cpu, cuda, ...)")
+    p.add_argument("--train-device", type=single_device, default="cpu", help="device for training (cpu, cuda, ...)")
     p.add_argument("--resample-every", type=non_negative_int, default=0,
                    help="steps between dead-latent resampling (0: off)")
     p.add_argument("--log-to", default=None, choices=["wandb", "trackio"], help="wandb or trackio (when installed)")
