@@ -35,13 +35,13 @@ def run(args: argparse.Namespace) -> int:
     from ..dictionaries import ARCHITECTURES
     from ..dictionaries.sae import SparseAutoencoder
     from ..dictionaries.train import is_transcoder
-    from ..worlds.recsae import FRACTIONAL_K, format_table, run_recommender_demo
+    from ..worlds.recsae import format_table, k_is_a_count, run_recommender_demo
 
     kinds = sorted(a for a, c in ARCHITECTURES.items() if issubclass(c, SparseAutoencoder) and not is_transcoder(a))
     if args.architecture not in kinds:
         raise UnitscopeError(f"--architecture {args.architecture!r} is not an SAE kind trained on one site; use one of "
                              f"{', '.join(kinds)}")
-    fractional = args.architecture in FRACTIONAL_K
+    fractional = not k_is_a_count(args.architecture)
     k = args.k if args.k is not None else 3.4 if fractional else 4
     if not fractional and k != int(k):
         raise UnitscopeError(f"--k {k:g} is not a whole number; {args.architecture} keeps k latents per row")

@@ -7,8 +7,8 @@ the next item; its hidden state after each item is the activation studied, one r
 
 Why this world and not "each user prefers one genre and one band" (the first world, docs/vision.md): there the
 state is one of 15 genre x band clusters and a sparse dictionary of it codes the clusters, not the attributes; here
-the attributes combine freely (8 genres x 3 bands: 768 combinations), and with weight decay the state is close to a
-sum over the last item's attributes, which a dictionary can factor.
+the attributes combine freely (8 genres x 3 bands: 765 combinations, as every item has a genre), and with weight
+decay the state is close to a sum over the last item's attributes, which a dictionary can factor.
 """
 
 from __future__ import annotations

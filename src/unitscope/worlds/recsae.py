@@ -22,7 +22,13 @@ from safetensors.torch import save_file
 from ..vision.rows import train_on_rows
 from .recommender import best_hit_rate, hidden_states, hit_rate, make_catalogue, make_sequences, train_recommender
 
-FRACTIONAL_K = {"jumprelu", "standard"}  # kinds whose k is a target L0, not a count
+
+def k_is_a_count(architecture: str) -> bool:
+    """TopK kinds keep k latents per row (a whole number); the others take k as a target mean L0 (any number)."""
+    from ..dictionaries import ARCHITECTURES
+    from ..dictionaries.sae import TopKSAE
+
+    return issubclass(ARCHITECTURES[architecture], TopKSAE)
 
 
 def precision_recall(fires: np.ndarray, concept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -165,7 +171,7 @@ def run_recommender_demo(out: str | Path, n_users: int = 3000, seed: int = 0, ar
         h = hidden_states(model, s)
         return h.reshape(len(s), s.shape[1], -1)[:, skip:].reshape(-1, h.shape[-1])
 
-    k = sae_k if architecture in FRACTIONAL_K else int(sae_k)
+    k = int(sae_k) if k_is_a_count(architecture) else sae_k
     sae = train_on_rows(rows(seqs), str(out / "sae"), architecture=architecture, n_units=sae_units, k=k,
                         steps=sae_steps, batch_size=512, seed=seed, site="gru:output",
                         fixed_decoder_bias=fixed_decoder_bias)
