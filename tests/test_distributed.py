@@ -80,6 +80,17 @@ def test_commands_without_a_distributed_path_run_once_on_rank_0(monkeypatch):
         assert distributed.launched() is (not runs)
 
 
+def test_a_fit_under_torchrun_runs_once_on_rank_0(tmp_path, store, monkeypatch):
+    """Fitted kinds have no data-parallel path: rank 1 leaves at once, rank 0 fits as one process (no group)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert in_process("train", "--store", store, "--architecture", "pca", "--units", "4", "--out", tmp_path / "r1") == 0
+    assert not (tmp_path / "r1").exists()
+    monkeypatch.setenv("RANK", "0")
+    assert in_process("train", "--store", store, "--architecture", "pca", "--units", "4", "--out", tmp_path / "r0") == 0
+    assert (tmp_path / "r0" / "sae_weights.safetensors").is_file() and os.environ["WORLD_SIZE"] == "1"
+
+
 def _weights(d):
     return load_file(str(d / "sae_weights.safetensors"))
 

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+from .. import distributed
 from ..errors import UnitscopeError
 from ..fs import filesystem, is_url, read_saved_json
 from . import inputs, options
@@ -112,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
     fitted = [c for c in cfgs if c.architecture in fit.FROM_LABELS + fit.FROM_STORE]
     if fitted and len(cfgs) > 1:
         raise UnitscopeError("only gradient-trained kinds can be swept together; fit one kind at a time")
+    if fitted and not distributed.for_command("fit"):  # under torchrun a fit runs once, on rank 0 as one process
+        return 0
     if fitted:
         arch = cfgs[0].architecture
         if arch in fit.FROM_LABELS:
@@ -164,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
                 shutil.rmtree(checkpoint_dir(o), ignore_errors=True)
         train_together([Trainer(store, site, c, o, progress=False) for c, o in zip(cfgs, outs)],
                        progress=not args.quiet)
-    for o in outs:
+    for o in outs if distributed.is_main() else []:  # one line per dictionary, not one per rank
         summary = read_saved_json(o, "train.json") if is_url(o) else \
             json.loads((Path(o) / "train.json").read_text())
         print(f"dictionary {o}: {summary['config']['architecture']}, {summary['config']['n_units']} units; "
