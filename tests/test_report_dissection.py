@@ -132,3 +132,51 @@ def test_a_missing_map_is_a_console_error(dissection, chromium, tmp_path):
     chromium.get((page / "index.html").as_uri())
     wait_for(chromium, "return [...document.images].every(i => i.complete)")
     assert any(gone.name in m for m in errors(chromium))
+
+
+def _layer(folder, thresholds, maps_thresholds=None, maps_entry=None):
+    """A hand-made dissection table (one concept per unit) and, optionally, its maps index and images."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    n = len(thresholds)
+    pq.write_table(pa.table({"unit": list(range(n)), "concept": ["sky"] * n, "iou": [0.5 - 0.1 * u for u in range(n)],
+                             "threshold": thresholds, "rank": [1] * n, "detector": [True] * n}),
+                   folder / "dissection.parquet")
+    if maps_thresholds is not None:
+        (folder / "maps").mkdir()
+        units = {}
+        for u, t in enumerate(maps_thresholds):
+            Image.new("RGB", (4, 4)).save(folder / "maps" / f"{u}.png")
+            units[str(u)] = maps_entry or {"images": ["a"], "peaks": [1.0], "threshold": t}
+        (folder / "maps" / "maps.json").write_text(json.dumps({"units": units}))
+
+
+def test_page_keeps_layers_apart_and_shows_only_this_dissections_maps(tmp_path):
+    """Folders 'a_b' and 'a/b' get their own maps (they shared one before); a map drawn at another threshold (a
+    dissection killed between its table and its maps) is not shown; a malformed maps index is one sentence."""
+    import re
+
+    import pytest
+
+    from unitscope.errors import UnitscopeError
+    from unitscope.report.dissection import write_dissection_page
+
+    _layer(tmp_path / "a_b", [0.25, 0.5], [0.25, 0.5])
+    _layer(tmp_path / "a" / "b", [0.75, 1.5], [0.75, 9.0])  # unit 1's maps belong to another dissection
+    html = write_dissection_page(tmp_path).read_text()
+    srcs = re.findall(r'src="(maps/[^"]+)"', html)
+    assert sorted(srcs) == ["maps/a_b/0.png", "maps/a_b/1.png", "maps/a~b/0.png"]
+    for src in srcs:  # each image the page names is there
+        assert (tmp_path / "report" / src).is_file()
+    assert len(set(re.findall(r'<tr id="([^"]+)"', html))) == 4  # no id shared by two layers
+    for bad in ({"images": ["a"], "peaks": 5, "threshold": 0.25}, {"images": 3, "peaks": [1.0], "threshold": 0.25},
+                {"images": ["a"], "peaks": ["x"], "threshold": 0.25}):
+        root = tmp_path / f"bad{len(list(tmp_path.glob('bad*')))}"
+        _layer(root / "l", [0.25], [0.25], maps_entry=bad)
+        with pytest.raises(UnitscopeError, match="is not the maps index"):
+            write_dissection_page(root)

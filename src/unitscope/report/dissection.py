@@ -20,6 +20,7 @@ import shutil
 from html import escape
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from ..atomic import replace_dir
 from ..errors import UnitscopeError
@@ -55,8 +56,10 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def _maps_dir(root: Path, table: Path) -> str:
-    """The page's folder of one layer's unit maps: report/maps/NAME/ (NAME from the table's folder under ROOT)."""
-    return "_".join(table.parent.relative_to(root).parts) or "root"
+    """The page's folder of one layer's unit maps: report/maps/NAME/, NAME from the table's folder under ROOT, one
+    name per folder (parts joined by '~' after escaping '%' and '~', so 'a_b' and 'a/b' stay apart); '~' for ROOT."""
+    parts = table.parent.relative_to(root).parts
+    return "~".join(p.replace("%", "%25").replace("~", "%7E") for p in parts) or "~"
 
 
 def _read_maps(table: Path) -> dict[str, Any]:
@@ -65,11 +68,25 @@ def _read_maps(table: Path) -> dict[str, Any]:
         return {}
     try:
         units = json.loads(path.read_text()).get("units") or {}
-        if not isinstance(units, dict) or not all(isinstance(v, dict) for v in units.values()):
+        if not isinstance(units, dict) or not all(_map_entry(v) for v in units.values()):
             raise AttributeError
         return units
     except (json.JSONDecodeError, AttributeError):
         raise UnitscopeError(f"{str(path)!r} is not the maps index `unitscope dissect` writes; rerun it") from None
+
+
+def _map_entry(v: Any) -> bool:
+    """One unit's entry as `dissect` writes it: its images (names), their peaks and its threshold (numbers)."""
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    return (isinstance(v, dict) and isinstance(v.get("images"), list) and all(isinstance(i, str) for i in v["images"])
+            and isinstance(v.get("peaks"), list) and all(number(x) for x in v["peaks"])
+            and (v.get("threshold") is None or number(v.get("threshold"))))
+
+
+def _same_number(a: Any, b: Any) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)  # NaN == NaN here
 
 
 def _num(v: Any) -> str:
@@ -105,7 +122,9 @@ def _layer_section(root: Path, table: Path, max_units: int = 200) -> str:
     for r in best[:max_units]:
         u = r["unit"]
         m = maps.get(str(u))
-        img = (f'<img class=maps src="maps/{escape(slug)}/{u}.png" alt="unit {u} over images '
+        if m and not _same_number(m.get("threshold"), r["threshold"]):
+            m = None  # maps of another dissection (one killed between its table and its maps): not this unit's
+        img = (f'<img class=maps src="maps/{escape(quote(slug))}/{u}.png" alt="unit {u} over images '
                f'{escape(", ".join(map(str, m.get("images", []))))}" title="peaks: '
                f'{escape(", ".join(f"{v:.3g}" for v in m.get("peaks", [])))}">') if m else "—"
         unit_rows.append(f'<tr id="{escape(slug)}-u{u}"><td>{u}</td><td>{escape(str(r["concept"]))}</td>'
