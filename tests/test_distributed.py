@@ -141,6 +141,27 @@ def test_data_parallel_training_matches_one_process_and_resumes_after_kill_9(tmp
     assert not ckpt.exists()
 
 
+def test_batchtopk_with_resampling_under_torchrun_matches_one_process(tmp_path):
+    """The CLI path for the kinds that needed the global batch: BatchTopK's cut and resampling's choice of rows."""
+    from unitscope.synthetic import SyntheticSpec, write_synthetic_store
+
+    write_synthetic_store(SyntheticSpec(n_features=64, d=32, rows=20000, correlated_pairs=2), tmp_path / "syn",
+                          shard_rows=4096)
+    args = ["train", "--store", tmp_path / "syn", "--architecture", "batchtopk", "--units", "64", "--k", "4",
+            "--batch-size", "256", "--train-tokens", "20000", "--dead-tokens", "512", "--resample-every", "10",
+            "--compute-dtype", "float32", "--quiet"]
+    assert in_process(*args, "--out", tmp_path / "one") == 0
+    two = torchrun(*args, "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr
+    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    diff = max(float((w1[k] - w2[k]).abs().max() / w1[k].abs().max()) for k in w1)
+    print(f"batchtopk with resampling, torchrun: max abs weight difference / max abs weight after 78 steps: {diff:.2e}")
+    assert diff < 1e-4  # resampled rows are normalised residuals: small ones amplify the ranks' 3e-7 a little
+    s1, s2 = (json.loads((tmp_path / d / "train.json").read_text()) for d in ("one", "two"))
+    assert s1["resampled"] == s2["resampled"] > 0
+    assert two.stdout.count("dictionary ") == 1  # one summary line, from rank 0
+
+
 class _Rows:
     """A training source of seeded sparse rows (no store, no model): batch b is the same on every call and rank."""
 
