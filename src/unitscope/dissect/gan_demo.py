@@ -70,11 +70,14 @@ def _fractions(names: list[str], f: torch.Tensor) -> dict[str, float]:
     return dict(zip(names, f.numpy().round(4).tolist()))
 
 
-def run_gan_demo(out: str | Path, top_n: int = 8, concepts: tuple[int, ...] | None = None, seed: int = 0,
-                 generator_steps: int = 1500, keep: float = 0.0, random_draws: int = 5) -> dict[str, Any]:
+def run_gan_demo(out: str | Path, top_n: int = 16, concepts: tuple[int, ...] | None = None, seed: int = 0,
+                 generator_steps: int = 1500, keep: float = 0.0, random_draws: int = 5,
+                 lam: float = 0.003) -> dict[str, Any]:
     """Dissect every concept the generator draws (all five by default); concepts it draws on under 0.2% of the
     pixels of fresh images are listed under `not_drawn` with their fraction instead. `keep`: the search's term for
-    the other concepts (`search_units`; 0 is Bau et al.'s objective). Each concept's `passes` tests the bar: its
+    the other concepts (`search_units`; 0 is Bau et al.'s objective); `lam`: its penalty per unit of Σα (0.01
+    collapsed every α to ~0 for sky on this 256-unit layer: the sky is drawn by many units at once).
+    Each concept's `passes` tests the bar: its
     units' ablation at least halves it, every other concept changes by under a quarter of its relative change,
     the same number of random units (mean of `random_draws` draws) leave over twice as much of it, and insertion
     raises it in the centre region (to over twice its fraction there plus 0.05)."""
@@ -102,7 +105,7 @@ def run_gan_demo(out: str | Path, top_n: int = 8, concepts: tuple[int, ...] | No
     pixel_region = torch.nn.functional.interpolate(region[None, None].float(), size=(32, 32))[0, 0].bool()
     _grid(new_images, out / "fresh.png")
     result: dict[str, Any] = {"layer": GEN_LAYER, "top_n": top_n, "fresh_latents": len(z_new),
-                              "generator_steps": generator_steps, "search_keep": keep,
+                              "generator_steps": generator_steps, "search_keep": keep, "search_lambda": lam,
                               "units_in_layer": n_units, "random_draws": random_draws,
                               "before": _fractions(names, before), "images": {"fresh": "fresh.png"},
                               "concepts": {}, "not_drawn": {}}
@@ -112,7 +115,7 @@ def run_gan_demo(out: str | Path, top_n: int = 8, concepts: tuple[int, ...] | No
             result["not_drawn"][name] = round(float(before[c]), 4)
             continue
         thresholds, iqr = iqr_thresholds(maps, fit_seg == c)
-        alpha = search_units(gen, seg, GEN_LAYER, c, z_fit, keep=keep)
+        alpha = search_units(gen, seg, GEN_LAYER, c, z_fit, keep=keep, lam=lam)
         order = alpha.argsort(descending=True)
         curve = {}
         for n in sorted({4, top_n, 16, 32}):
