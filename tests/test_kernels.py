@@ -108,6 +108,25 @@ def test_batchtopk_sparse_training_matches_a_dense_batch_topk(dominant):
     assert float(sae.topk_threshold) == float(vals[vals > 0].min().detach())
 
 
+def test_batchtopk_keeps_every_value_tied_at_the_cut():
+    """Identical rows tie at the (k*B)-th value: all of them are kept (exactly the values >= that value, found by
+    brute force), whatever order topk would break the tie in; a data-parallel step takes the same rule."""
+    from unitscope.dictionaries.sae import BatchTopKSAE
+
+    sae = BatchTopKSAE(4, 6, k=1)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.rand(4, 6, generator=g)
+    rows[0, :3] = torch.tensor([9.0, 8.0, 7.0])
+    pre = torch.cat([rows, rows[:1], rows[:1], rows[:1]])  # row 0 four times: its 8s tie at the 7th place
+    idx, mask = sae.select_top(pre)
+    picked = torch.zeros_like(pre, dtype=torch.bool)
+    picked.scatter_(1, idx, mask)
+    cut = pre.flatten().sort(descending=True).values[len(pre) - 1]
+    assert cut == 8.0
+    assert torch.equal(picked, (pre >= cut) & (pre > 0))
+    assert int(picked.sum()) == 8 > len(pre)  # the four 9s and all four 8s: one more than k*B = 7
+
+
 def test_auxk_loss_matches_a_dense_recomputation():
     """With dead latents, TopK's loss is FVU + aux_coef * FVU of the residual predicted by the top aux_k dead
     latents (residual mean added back); loss and gradients equal a dense recomputation."""

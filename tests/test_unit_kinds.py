@@ -62,7 +62,9 @@ def test_sae_kinds_learn_and_round_trip(arch, store, rows, tmp_path):
         assert l0 > 0.9 * 16  # the top 16 are nearly always positive (ReLU rarely cuts one), not by construction
     elif arch == "batchtopk":
         assert loaded.architecture == "jumprelu" and loaded.metadata["trained_as"] == "batchtopk"
-        assert logged[-1] == 16  # in training, exactly k*B latents fire per batch
+        # in training k*B latents fire per batch, plus any value tied with the (k*B)-th (all are kept; identical
+        # rows, e.g. repeated contexts, tie): 16.02 per row here
+        assert 16 <= logged[-1] < 16.5
         assert 0.6 * 16 < l0 < 1.6 * 16  # at inference the learned threshold keeps about k per token
     else:
         on = pre > (loaded.threshold if arch == "jumprelu" else 0)

@@ -433,34 +433,11 @@ class BatchTopKSAE(TopKSAE):
 
     def select_top(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The k*B largest positive pre-activations of the batch, as (idx[B, m], mask): each row's picks padded
-        to the row with most. They are found among each row's top M candidates (M doubles until no row has
-        all its candidates picked, which proves no pick lies beyond them), cheaper than a topk over all B*n."""
-        if distributed.in_data_parallel():
-            return self._select_top_global(pre)
-        b, n = pre.shape
-        n_keep = min(self.k * b, pre.numel())
-        width = min(n, 4 * self.k)
-        while True:
-            cand = pre.topk(width, dim=1, sorted=False)
-            chosen = torch.zeros(b * width, dtype=torch.bool, device=pre.device)
-            chosen[cand.values.flatten().topk(n_keep, sorted=False).indices] = True
-            chosen = chosen.view(b, width)
-            if width == n or not chosen.all(1).any():
-                break
-            width = min(n, 2 * width)
-        return self._padded(cand, chosen)
-
-    @staticmethod
-    def _padded(cand, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        chosen = chosen & (cand.values > 0)
-        m = max(1, int(chosen.sum(1).max()))
-        order = chosen.float().topk(m, dim=1, sorted=False).indices
-        return cand.indices.gather(1, order), chosen.gather(1, order)
-
-    def _select_top_global(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`select_top` over the global batch in a data-parallel step: the picks are this rank's rows' values at or
-        above the (k * global rows)-th largest value of the global candidates (`distributed.kth_largest`: only each
-        rank's top values travel), and the candidates widen on every rank while any rank has a row wholly picked."""
+        to the row with most; every value tied with the (k*B)-th is kept too, so the picks do not depend on how
+        topk breaks ties (identical rows are common: repeated contexts) and one process and a data-parallel step
+        (B the global batch, `distributed.kth_largest`: only each rank's top values travel) pick alike. They are
+        found among each row's top M candidates (M doubles, on every rank, while some row has all its candidates
+        picked, which proves no pick lies beyond them), cheaper than a topk over all B*n."""
         n = pre.shape[1]
         n_keep = self.k * distributed.global_rows(pre)
         width = min(n, 4 * self.k)
@@ -470,6 +447,13 @@ class BatchTopKSAE(TopKSAE):
             if width == n or not distributed.any_rank(bool(chosen.all(1).any()), pre):
                 return self._padded(cand, chosen)
             width = min(n, 2 * width)
+
+    @staticmethod
+    def _padded(cand, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen = chosen & (cand.values > 0)
+        m = max(1, int(chosen.sum(1).max()))
+        order = chosen.float().topk(m, dim=1, sorted=False).indices
+        return cand.indices.gather(1, order), chosen.gather(1, order)
 
     @torch.no_grad()
     def after_step(self, fired_values: torch.Tensor) -> None:
