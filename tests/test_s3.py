@@ -25,6 +25,7 @@ from conftest import run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
+from test_kill import _stage_running
 
 from unitscope.cli import main
 from unitscope.store import Store
@@ -471,14 +472,6 @@ def test_a_run_kept_on_s3_killed_twice_and_resumed_on_another_machine_is_the_loc
     assert _same_weights(w1, w2) and m1 == m2 and t1 == t2
     assert fs.exists(f"bucket/run/report/{DID}/index.html") and fs.exists("bucket/run/compare.parquet")
     assert not fs.exists("bucket/run/store/run.json") and not [p for p in fs.find("bucket/run") if "checkpoint" in p]
-
-
-def _stage_running(root, stage):
-    try:
-        state = json.loads((root / "run.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
-    return state["stages"].get(stage, {}).get("status") == "running"
 
 
 def test_a_run_refuses_a_url_where_it_would_write_locally(tmp_path, capsys):

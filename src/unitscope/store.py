@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from . import fs as rfs
 from .atomic import write_json_atomic
 from .errors import UnitscopeError
+from .fs import file_sha256
 
 FORMAT = "unitscope.store/1"
 # safetensors dtype names -> (numpy storage dtype, torch dtype)
@@ -68,14 +69,6 @@ def _valid_manifest(m: Any) -> bool:
         if e["windows"] * m["ctx_len"] < e["tokens"]:
             return False
     return m["tokens"] == sum(e["tokens"] for e in m["shards"])
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def shard_name(i: int) -> str:

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from ..atomic import recover, replace_dir, write_json_atomic
 from ..errors import UnitscopeError
-from ..store import file_sha256
+from ..fs import file_sha256
 from . import prompts
 from .client import EndpointError
 from .scoring import Excerpt, auc, balanced_accuracy, crop, f1, fuzz_marks, split
