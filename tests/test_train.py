@@ -371,3 +371,11 @@ def test_penalised_kinds_settle_at_the_target_l0(syn_store, tmp_path, arch):
     late = [e["l0"] for e in t.log[-5:]]
     target = 3 * (2 if arch == "standard" else 1)
     assert all(0.5 * target <= v <= 2 * target for v in late), late  # the former defaults: tens
+
+
+@pytest.mark.parametrize("device, says", [("auto", "device map"), ("auto:0=10GiB", "device map"),
+                                          ("tpu", "unknown device"), ("cuda:7" if torch.cuda.is_available()
+                                                                          else "cuda", "CUDA device")])
+def test_a_training_device_that_is_not_one_device_of_this_machine_is_refused_in_one_sentence(device, says):
+    with pytest.raises(UnitscopeError, match=says):
+        TrainConfig(device=device).validate()

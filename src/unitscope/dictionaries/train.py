@@ -88,6 +88,12 @@ class TrainConfig:
         if self.batch_size <= 0 or self.train_tokens < self.batch_size:
             raise UnitscopeError(
                 f"--train-tokens ({self.train_tokens}) must be at least one batch ({self.batch_size} tokens)")
+        if self.device.startswith("auto"):
+            raise UnitscopeError(f"device {self.device!r} is a device map, for a model; training runs on one device: "
+                                 "cpu, cuda, cuda:N or mps")
+        from ..subject import check_device  # here: the subject module is above this one in the pipeline
+
+        check_device(self.device)
 
     def learning_rate_for(self, d_in: int) -> float:
         """`lr`, else 1e-3 * sqrt(4608 / n_units) * sqrt(576 / d_in): tuned on SmolLM2 block 6 (576 -> 4608). The
