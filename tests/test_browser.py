@@ -10,19 +10,19 @@ import pyarrow.parquet as pq
 import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
-from test_report import LLM_LABEL, browser, tiny_run, wait_for  # noqa: F401 -- shared fixtures
+from test_report import LLM_LABEL, tiny_run, wait_for  # noqa: F401 -- shared fixtures
 from test_serve import server  # noqa: F401
 
 SHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 DID = "topk-64-k4"
 
 
-def shot(browser, name: str) -> None:  # noqa: F811
+def shot(browser, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(SHOTS / name))
 
 
-def rows(browser) -> list[list[str]]:  # noqa: F811
+def rows(browser) -> list[list[str]]:
     return browser.execute_script("return [...document.querySelectorAll('#list tbody tr')]"
                                   ".map(r => [...r.cells].map(c => c.textContent))")
 

@@ -7,7 +7,6 @@ import gzip
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -227,26 +226,6 @@ def hostile(tmp_path_factory):
     for markup in (SCRIPT, IMG, "<b>bold</b>"):
         assert any(markup in "".join(e["tokens"]) for e in examples)
     return root, d, store, tok
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="unitscope-chromium-")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = "/usr/bin/chromium"  # Debian's build; nothing is ever downloaded
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", "--window-size=1200,1000", f"--user-data-dir={profile}"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 PROBE = """return {pwned: typeof window.pwned, imgs: document.querySelectorAll('img').length,

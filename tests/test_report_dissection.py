@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 
 import pyarrow.parquet as pq
 import pytest
@@ -50,28 +49,6 @@ def dissection(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def chromium():
-    """Headless Chromium that keeps the page's console (the shared `browser` fixture does not)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="unitscope-chromium-")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = "/usr/bin/chromium"  # Debian's build; nothing is ever downloaded
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", "--window-size=1200,1000", f"--user-data-dir={profile}"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
-
-
 UNITS = """return [...document.querySelectorAll('table.units[data-layer="' + arguments[0] + '"] tr[id]')].map(r => ({
   id: r.id, cells: [...r.cells].map(c => c.textContent), iou: r.cells[2].title, threshold: r.cells[3].title,
   img: r.querySelector('img') && {src: r.querySelector('img').getAttribute('src'), alt: r.querySelector('img').alt,
@@ -83,16 +60,16 @@ def errors(driver) -> list[str]:
     return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
 
-def test_the_page_shows_each_layers_units_and_their_maps_as_the_tables_say(dissection, chromium):
+def test_the_page_shows_each_layers_units_and_their_maps_as_the_tables_say(dissection, browser):
     index = dissection / "report" / "index.html"
-    chromium.get(index.as_uri())
-    wait_for(chromium, "return [...document.images].length > 0 && [...document.images].every(i => i.complete)")
-    assert errors(chromium) == []
+    browser.get(index.as_uri())
+    wait_for(browser, "return [...document.images].length > 0 && [...document.images].every(i => i.complete)")
+    assert errors(browser) == []
     for layer, n_units in (("neurons", 16), ("sae", 24)):
         table = pq.read_table(dissection / layer / "dissection.parquet")
         best = ranked_units(table)
         maps = json.loads((dissection / layer / "maps" / "maps.json").read_text())["units"]
-        shown = chromium.execute_script(UNITS, layer)
+        shown = browser.execute_script(UNITS, layer)
         assert [int(r["cells"][0]) for r in shown] == [r["unit"] for r in best] and len(best) == n_units
         for row, want in zip(shown, best):  # every unit: best concept, IoU and threshold exactly the parquet's
             assert row["cells"][1] == want["concept"] and row["cells"][4] == ("yes" if want["detector"] else "no")
@@ -105,33 +82,33 @@ def test_the_page_shows_each_layers_units_and_their_maps_as_the_tables_say(disse
         detectors: dict[str, int] = {}
         for r in best:
             detectors[r["concept"]] = detectors.get(r["concept"], 0) + r["detector"]
-        got = chromium.execute_script(
+        got = browser.execute_script(
             f"return [...document.querySelectorAll('table.concepts[data-layer=\"{layer}\"] tr')].slice(1)"
             ".map(r => [r.cells[0].textContent, +r.cells[1].textContent])")
         assert dict(got) == {c: n for c, n in detectors.items() if n} and got  # a random conv still has detectors
 
     # a concept's best unit: its link leads to that unit's row, whose maps are on screen
-    first = chromium.find_element(By.CSS_SELECTOR, 'table.concepts[data-layer="neurons"] a')
-    concept = chromium.execute_script("return arguments[0].closest('tr').cells[0].textContent", first)
+    first = browser.find_element(By.CSS_SELECTOR, 'table.concepts[data-layer="neurons"] a')
+    concept = browser.execute_script("return arguments[0].closest('tr').cells[0].textContent", first)
     want = max((r for r in ranked_units(pq.read_table(dissection / "neurons" / "dissection.parquet"))
                 if r["detector"] and r["concept"] == concept), key=lambda r: r["iou"])
     first.click()
-    assert chromium.current_url.endswith(f"#neurons-u{want['unit']}")
-    img = chromium.find_element(By.CSS_SELECTOR, f"#neurons-u{want['unit']} img")
-    assert img.is_displayed() and chromium.execute_script(
+    assert browser.current_url.endswith(f"#neurons-u{want['unit']}")
+    img = browser.find_element(By.CSS_SELECTOR, f"#neurons-u{want['unit']} img")
+    assert img.is_displayed() and browser.execute_script(
         "const r = arguments[0].getBoundingClientRect(); return r.width > 0 && r.top >= 0 && r.top < innerHeight", img)
-    assert errors(chromium) == []
+    assert errors(browser) == []
 
 
-def test_a_missing_map_is_a_console_error(dissection, chromium, tmp_path):
+def test_a_missing_map_is_a_console_error(dissection, browser, tmp_path):
     """The console check above can fail: the same page with one map image gone reports it."""
     page = tmp_path / "report"
     shutil.copytree(dissection / "report", page)
     gone = next((page / "maps" / "sae").glob("*.png"))
     gone.unlink()
-    chromium.get((page / "index.html").as_uri())
-    wait_for(chromium, "return [...document.images].every(i => i.complete)")
-    assert any(gone.name in m for m in errors(chromium))
+    browser.get((page / "index.html").as_uri())
+    wait_for(browser, "return [...document.images].every(i => i.complete)")
+    assert any(gone.name in m for m in errors(browser))
 
 
 def _layer(folder, thresholds, maps_thresholds=None, maps_entry=None):
@@ -180,3 +157,32 @@ def test_page_keeps_layers_apart_and_shows_only_this_dissections_maps(tmp_path):
         _layer(root / "l", [0.25], [0.25], maps_entry=bad)
         with pytest.raises(UnitscopeError, match="is not the maps index"):
             write_dissection_page(root)
+
+
+GAN_ROWS = """const t = [...document.querySelectorAll('table')].find(
+  t => t.rows[0].textContent.includes('random units'));
+  return [...t.querySelectorAll('tr')].slice(1).map(r => [...r.cells].map(c => c.textContent))"""
+
+
+def test_the_generator_section_shows_the_demos_figures_and_images(browser, tmp_path):
+    """The GAN demo's real output kept in docs/gan (`unitscope dissect --gan-demo`), paged by `unitscope report`: a
+    row per concept with its figures as the JSON has them, and every before/after image loads."""
+    from conftest import REPO
+
+    out = tmp_path / "gan"
+    shutil.copytree(REPO / "docs" / "gan", out)
+    assert main(["report", str(out)]) == 0
+    g = json.loads((out / "gan_dissection.json").read_text())
+    browser.get((out / "report" / "index.html").as_uri())
+    wait_for(browser, "return [...document.images].length > 0 && [...document.images].every(i => i.complete)")
+    assert errors(browser) == []
+    rows = browser.execute_script(GAN_ROWS)
+    assert [r[0] for r in rows] == list(g["concepts"]) and len(rows) == 5
+    for row, c in zip(rows, g["concepts"].values()):
+        assert int(row[1]) == c["n_units"] and float(row[2]) == c["before"]
+        assert float(row[4]) == c["ablation_relative"] and float(row[7]) == c["insertion_region_before"]
+        missed = [k for k, ok in c["passes"].items() if not ok]
+        assert row[-1] == ("passes" if not missed else "misses " + ", ".join(missed))
+    shown = browser.execute_script("return [...document.images].map(i => [i.getAttribute('src'), i.naturalWidth])")
+    wanted = {g["images"]["fresh"]} | {v for c in g["concepts"].values() for v in c["images"].values()}
+    assert {src for src, _ in shown} == wanted and all(w > 0 for _, w in shown)
