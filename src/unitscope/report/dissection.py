@@ -150,7 +150,7 @@ def _gan_section(g: dict[str, Any], images: set[str]) -> str:
     def img(name: str | None, alt: str) -> str:
         return f'<img src="{escape(name)}" alt="{escape(alt)}">' if isinstance(name, str) and name in images else ""
 
-    parts = [f"<h2>Generator: layer {escape(str(g.get('layer')))}, top {_cell(g.get('top_n'))} units per concept, "
+    parts = [f"<h2>Generator: layer {escape(str(g.get('layer')))}, units per concept: {_cell(g.get('top_n'))}, "
              f"{_cell(g.get('fresh_latents'))} fresh latents</h2>",
              "<p>Segmented pixel fraction of fresh images before any edit:</p>",
              _table(list(g.get("before", {})), [list(g.get("before", {}).values())]),
@@ -160,13 +160,16 @@ def _gan_section(g: dict[str, Any], images: set[str]) -> str:
     rows = []
     for name, c in (g.get("concepts") or {}).items():
         others = ", ".join(f"{k} {v:+.0%}" for k, v in (c.get("others_relative_change") or {}).items())
-        rows.append([name, c.get("before"), (c.get("ablation_after") or {}).get(name), c.get("ablation_relative"),
+        missed = [k for k, ok in (c.get("passes") or {}).items() if not ok]
+        bar = ("" if not c.get("passes") else "passes" if not missed else "misses " + ", ".join(missed))
+        rows.append([name, c.get("n_units", len(c.get("units") or [])), c.get("before"),
+                     (c.get("ablation_after") or {}).get(name), c.get("ablation_relative"),
                      others, (c.get("random_units_after") or {}).get(name), c.get("insertion_region_before"),
                      c.get("insertion_region_after"), c.get("insertion_outside_before"),
-                     c.get("insertion_outside_after")])
-    parts.append(_table(["concept", "fraction before", "after ablation", "after / before", "other concepts' change",
-                         "random units ablated", "region before", "region after insertion", "outside before",
-                         "outside after insertion"], rows))
+                     c.get("insertion_outside_after"), bar])
+    parts.append(_table(["concept", "units", "fraction before", "after ablation", "after / before",
+                         "other concepts' change", "random units ablated", "region before", "region after insertion",
+                         "outside before", "outside after insertion", "bar"], rows))
     if g.get("not_drawn"):
         parts.append("<p class=no>Not dissected (the generator draws them on too few pixels): "
                      + ", ".join(f"{escape(k)} {_cell(v)}" for k, v in g["not_drawn"].items()) + "</p>")
