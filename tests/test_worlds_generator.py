@@ -19,6 +19,26 @@ def test_gan_scenes_give_every_concept_a_share_and_latents_encode_them():
     assert torch.equal(z, z2) and np.array_equal(images, images2)
 
 
+def test_gan_scenes_put_no_object_on_a_strip_or_on_another_object():
+    """Drawn one at a time, the parts of a scene (each strip, the pond, each tree, the house) cover disjoint
+    pixels, bar a pixel or two where a tree's trunk meets the grass's wave (occlusion would couple concepts)."""
+    from dataclasses import replace
+
+    from unitscope.worlds.generator import sample_gan_params
+    from unitscope.worlds.scenes import SceneParams, draw
+
+    rng, empty = np.random.default_rng(7), SceneParams(0.0, 0.0, None, [], None, (0.0, 0.0, 0.0))
+    overlaps = []
+    for _ in range(300):
+        p = sample_gan_params(rng)
+        parts = ([replace(empty, sky=p.sky)] if p.sky else []) + ([replace(empty, grass=p.grass)] if p.grass else [])
+        parts += ([replace(empty, pond=p.pond)] if p.pond else []) + [replace(empty, trees=[t]) for t in p.trees]
+        parts += [replace(empty, house=p.house)] if p.house else []
+        cover = sum((draw(q, 32, np.random.default_rng(0))[1] > 0).astype(int) for q in parts)
+        overlaps.append(int((np.asarray(cover) > 1).sum()))
+    assert max(overlaps) <= 4 and np.mean(np.asarray(overlaps) > 0) < 0.02, overlaps
+
+
 def test_searched_units_remove_sky_more_than_random_units():
     from unitscope.dissect.gan import concept_fractions, edit_units, layer_maps, search_units
     from unitscope.worlds.generator import train_generator, train_segmenter

@@ -23,6 +23,7 @@ from .scenes import CONCEPTS, SceneParams, draw
 
 LATENT = 24
 NOISE = 8
+WORLD = "slots"  # the scene layout of sample_gan_params; part of the demo's weight file names
 GEN_LAYER = "blocks.relu1:output"  # 256 maps of 8x8 in a 32x32 generator: the layer the demo dissects
 
 
@@ -39,21 +40,32 @@ def encode_params(p: SceneParams) -> np.ndarray:
     return v
 
 
+GAN_COLOURS = {"water": (0.4, 0.12, 0.55)}  # violet: no blend of two other concepts looks like it (docs/vision.md)
+
+
 def sample_gan_params(rng: np.random.Generator) -> SceneParams:
-    """Scene parameters for the generator's world: every concept common and large (sky and grass strips of a
-    fifth to a third of the image, a pond, one or two trees, a house), on the same unlabelled backdrop."""
-    sky = float(rng.uniform(0.2, 0.35)) if rng.random() < 0.7 else 0.0
-    grass = float(rng.uniform(0.2, 0.32)) if rng.random() < 0.7 else 0.0
-    pond = None
-    if rng.random() < 0.5:
-        pond = (float(rng.uniform(0.25, 0.75)), float(rng.uniform(0.5, 0.8)), float(rng.uniform(0.2, 0.32)),
-                float(rng.uniform(0.09, 0.13)))
-    trees = [(float(rng.uniform(0.12, 0.88)), float(rng.uniform(0.3, 0.5)), float(rng.uniform(0.12, 0.17)))
-             for _ in range(int(rng.integers(1, 3)) if rng.random() < 0.6 else 0)]
-    house = None
-    if rng.random() < 0.5:
-        w = float(rng.uniform(0.25, 0.38))
-        house = (float(rng.uniform(0.02, 0.98 - w)), float(rng.uniform(0.6, 0.9)), w, float(rng.uniform(0.15, 0.25)))
+    """Scene parameters for the generator's world: a sky strip and a grass strip (each in 70% of scenes), and
+    between them a pond, a house and one or two trees, each in its own third of the image's width, so that no
+    object stands on a strip or on another object. Occlusion couples concepts: a house drawn over grass or over
+    a pond is painted by units that also paint what it hides, and removing it uncovers the pond."""
+    sky = float(rng.uniform(0.14, 0.22)) if rng.random() < 0.7 else 0.0
+    grass = float(rng.uniform(0.18, 0.25)) if rng.random() < 0.7 else 0.0
+    kinds = (["pond"] if rng.random() < 0.5 else []) + (["house"] if rng.random() < 0.5 else [])
+    kinds += ["tree"] * (int(rng.integers(1, 3)) if rng.random() < 0.6 else 0)
+    slots = rng.permutation(3)
+    pond, trees, house = None, [], None
+    for kind, slot in zip(kinds, slots):  # at most three objects, one per slot
+        mid = (float(slot) + 0.5) / 3
+        if kind == "pond":
+            pond = (mid + float(rng.uniform(-0.02, 0.02)), float(rng.uniform(0.5, 0.6)), float(rng.uniform(0.13, 0.16)),
+                    float(rng.uniform(0.09, 0.13)))
+        elif kind == "tree":
+            trees.append((mid + float(rng.uniform(-0.03, 0.03)), float(rng.uniform(0.34, 0.4)),
+                          float(rng.uniform(0.11, 0.15))))
+        else:
+            w = float(rng.uniform(0.24, 0.31))
+            house = (mid - w / 2 + float(rng.uniform(-0.01, 0.01)), float(rng.uniform(0.6, 0.7)), w,
+                     float(rng.uniform(0.15, 0.22)))
     tint = tuple(float(t) for t in rng.uniform(-0.05, 0.05, 3))
     return SceneParams(sky, grass, pond, trees, house, tint)  # type: ignore[arg-type]
 
@@ -68,7 +80,7 @@ def sample_latents(n: int, size: int, seed: int) -> tuple[torch.Tensor, np.ndarr
         p = sample_gan_params(rng)
         z[i, :LATENT] = encode_params(p)
         z[i, LATENT:] = rng.normal(0, 1, NOISE)
-        images[i], masks[i] = draw(p, size, rng)
+        images[i], masks[i] = draw(p, size, rng, GAN_COLOURS)
     return torch.from_numpy(z), images, masks
 
 
@@ -110,13 +122,15 @@ def _images(images: np.ndarray) -> torch.Tensor:
 
 
 def train_generator(z: torch.Tensor, images: np.ndarray, steps: int = 600, batch_size: int = 64, seed: int = 0,
-                    lr: float = 2e-3, **sizes: int) -> SceneGenerator:
+                    lr: float = 2e-3, progress: bool = False, **sizes: int) -> SceneGenerator:
     """Adam on squared error; `sizes` (width, stem) pass to SceneGenerator (tests train a narrow one)."""
+    from tqdm.auto import tqdm
+
     torch.manual_seed(seed)
     gen_model, x = SceneGenerator(**sizes), _images(images)
     opt = torch.optim.Adam(gen_model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="train generator", unit="step", disable=not progress):
         idx = torch.randint(len(z), (batch_size,), generator=g)
         loss = (gen_model(z[idx]) - x[idx]).pow(2).mean()
         opt.zero_grad()

@@ -15,6 +15,8 @@ import numpy as np
 from ..atomic import replace_dir, write_json_atomic
 
 CONCEPTS = {1: "sky", 2: "grass", 3: "water", 4: "tree", 5: "house"}
+COLOURS = {"sky": (0.45, 0.7, 0.95), "grass": (0.5, 0.8, 0.2), "water": (0.1, 0.3, 0.55), "trunk": (0.4, 0.25, 0.1),
+           "canopy": (0.05, 0.3, 0.08), "walls": (0.8, 0.35, 0.25), "roof": (0.35, 0.15, 0.15)}
 
 
 @dataclass
@@ -49,9 +51,12 @@ def sample_params(rng: np.random.Generator) -> SceneParams:
     return SceneParams(sky, grass, pond, trees, house, tint)  # type: ignore[arg-type]
 
 
-def draw(params: SceneParams, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(image HxWx3 uint8, mask HxW uint8) for one scene; `rng` only adds texture (the backdrop, pixel noise)."""
+def draw(params: SceneParams, size: int, rng: np.random.Generator,
+         colours: dict[str, tuple[float, float, float]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(image HxWx3 uint8, mask HxW uint8) for one scene; `rng` only adds texture (the backdrop, pixel noise).
+    `colours` overrides entries of COLOURS (a world may need its concepts further apart in colour)."""
     s = size
+    col = COLOURS if colours is None else {**COLOURS, **colours}
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
     coarse = rng.uniform(0, 1, (8, 8)).astype(np.float32)  # a blotchy grey-brown backdrop, label 0
     blotch = np.kron(coarse, np.ones((s // 8 + 1, s // 8 + 1), np.float32))[:s, :s]
@@ -66,28 +71,28 @@ def draw(params: SceneParams, size: int, rng: np.random.Generator) -> tuple[np.n
 
     if params.sky:
         sky = yy < params.sky
-        paint(sky, (0.45, 0.7, 0.95), 1, 0.02)
+        paint(sky, col["sky"], 1, 0.02)
         img[sky] += (yy[..., None] * 0.4)[sky]  # lighter towards the horizon
     if params.grass:
         grass = yy > 1 - params.grass + 0.02 * np.sin(xx * 25)
-        paint(grass, (0.5, 0.8, 0.2), 2, 0.06)
+        paint(grass, col["grass"], 2, 0.06)
     if params.pond:
         cx, cy, rx, ry = params.pond
         pond = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1
-        paint(pond, (0.1, 0.3, 0.55), 3, 0.03)
+        paint(pond, col["water"], 3, 0.03)
         img[pond] += (0.05 * np.sin(yy * 90))[..., None][pond]  # ripples
     for cx, cy, r in params.trees:
         trunk = (np.abs(xx - cx) < r * 0.22) & (yy > cy) & (yy < cy + r * 2.2)
-        paint(trunk, (0.4, 0.25, 0.1), 4, 0.03)
+        paint(trunk, col["trunk"], 4, 0.03)
         canopy = (xx - cx) ** 2 + (yy - cy) ** 2 < r ** 2
-        paint(canopy, (0.05, 0.3, 0.08), 4, 0.08)
+        paint(canopy, col["canopy"], 4, 0.08)
     if params.house:
         left, base, w, h = params.house
         walls = (xx >= left) & (xx < left + w) & (yy < base) & (yy >= base - h)
-        paint(walls, (0.8, 0.35, 0.25), 5, 0.03)
+        paint(walls, col["walls"], 5, 0.03)
         top = base - h
         roof = (yy < top) & (yy >= top - w * 0.5) & (np.abs(xx - (left + w / 2)) < (yy - (top - w * 0.5)))
-        paint(roof, (0.35, 0.15, 0.15), 5, 0.03)
+        paint(roof, col["roof"], 5, 0.03)
     img += np.asarray(params.tint, np.float32)
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), mask
 
