@@ -360,7 +360,8 @@ def test_dissection_page_renders_gan_figures_escaped(tmp_path):
                "ablation_relative": 0.038, "others_relative_change": {"<b>grass</b>": -0.12},
                "random_units_after": {"sky": 0.0322}, "insertion_region_before": 0.0,
                "insertion_region_after": 0.474, "insertion_outside_before": 0.0421, "insertion_outside_after": 0.0409,
-               "images": {"ablate": "ablate_sky.png", "insert": "insert_sky.png", "units": "units_sky.png"}}
+               "images": {"ablate": "ablate_sky.png", "insert": "insert_sky.png", "units": "units_sky.png"},
+               "passes": {"ablation_halves": True, "others_much_less": False}}
     (tmp_path / "gan_dissection.json").write_text(json.dumps(
         {"layer": "blocks.relu2:output", "top_n": 2, "fresh_latents": 200, "before": {"sky": 0.0316},
          "images": {"fresh": "fresh.png"}, "concepts": {"sky": concept}, "not_drawn": {"water": 0.0003}}))
@@ -369,7 +370,7 @@ def test_dissection_page_renders_gan_figures_escaped(tmp_path):
     html = page.read_text()
     for text in ("0.0316", "0.0012", "0.474", "0.0409", "&lt;b&gt;grass&lt;/b&gt; -12%", "water 0.0003",
                  'src="ablate_sky.png"', 'src="insert_sky.png"', 'src="units_sky.png"', 'src="fresh.png"',
-                 "none (on for over half"):
+                 "none (on for over half", "misses others_much_less"):
         assert text in html, text
     assert "<b>grass" not in html
     assert sorted(p.name for p in page.parent.iterdir()) == ["ablate_sky.png", "fresh.png", "index.html",
@@ -392,3 +393,25 @@ def test_gan_demo_refuses_weights_that_are_not_its_own(tmp_path):
     with pytest.raises(UnitscopeError, match="is not this demo's Segmenter weights"):
         _trained(other, Segmenter(), lambda: pytest.fail("must not train over the user's file"))
     assert junk.read_bytes() == b"junk"
+
+
+def test_gan_bar_clauses_by_hand_and_the_summary_names_what_a_concept_misses():
+    from unitscope.dissect.gan_demo import _bar, summary_table
+
+    before = torch.tensor([0.5, 0.20, 0.10, 0.04])  # unlabelled, the concept (1), two others
+    after = torch.tensor([0.6, 0.08, 0.11, 0.03])  # concept to 0.4 of itself (-60%); others +10% and -25%
+    region_before, region_after = torch.tensor([0.9, 0.05, 0.0, 0.0]), torch.tensor([0.7, 0.16, 0.0, 0.0])
+    got = _bar(1, before, after, region_before, region_after)
+    # -25% is not under a quarter of -60% (15%); 0.16 > 2 * 0.05 + 0.05 = 0.15
+    assert got == {"ablation_halves": True, "others_much_less": False, "insertion_raises_region": True}
+    assert _bar(1, before, after, region_before, region_after, keeps=0.3)["ablation_halves"] is False
+    after_ok = torch.tensor([0.6, 0.08, 0.11, 0.039])
+    assert _bar(1, before, after_ok, region_before, torch.tensor([0.7, 0.149, 0.0, 0.0])) == {
+        "ablation_halves": True, "others_much_less": True, "insertion_raises_region": False}
+    concept = {"n_units": 6, "ablation_relative": 0.4, "others_relative_change": {"water": 0.1, "tree": -0.25},
+               "random_units_relative": 0.98, "insertion_region_before": 0.05, "insertion_region_after": 0.16,
+               "passes": {**got, "beats_random_units": True}}
+    table = summary_table({"concepts": {"sky": concept, "grass": {**concept, "passes": {"a": True}}}})
+    sky, grass = table.splitlines()[1:]
+    assert sky.split()[:4] == ["sky", "6", "0.400", "tree"] and "-25%" in sky
+    assert sky.endswith("misses others_much_less") and grass.endswith("passes")

@@ -36,9 +36,9 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     if args.gan_demo:
-        from ..dissect.gan_demo import run_gan_demo
+        from ..dissect.gan_demo import run_gan_demo, summary_table
 
-        print(json.dumps(run_gan_demo(args.out, keep=args.keep), indent=1))
+        print(summary_table(run_gan_demo(args.out, keep=args.keep, progress=True)))
         print(f"written: {args.out}/gan_dissection.json and before/after PNGs; page: {_page(args.out)}")
         return 0
     if args.demo:
