@@ -70,19 +70,27 @@ GRID = (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)  # the sizes of unit set tried
 SELECTION_KEEPS = 0.4  # the ablation N is chosen by: at most this much of the concept left on the search's latents
 
 
+def _ablated(gen: torch.nn.Module, seg: torch.nn.Module, units: torch.Tensor, z: torch.Tensor, n_units: int,
+             n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(concept fractions, images) with `units` of the layer ablated everywhere."""
+    a = torch.zeros(n_units)
+    a[units] = 1
+    with edit_units(gen, world.GEN_LAYER, a):
+        _, images = layer_maps(gen, world.GEN_LAYER, z)
+    return concept_fractions(seg, images, n_classes), images
+
+
 def _ablate_and_insert(gen: torch.nn.Module, seg: torch.nn.Module, units: torch.Tensor, z: torch.Tensor,
                        k: torch.Tensor, region: torch.Tensor, pixel_region: torch.Tensor, n_classes: int
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(fractions after ablating `units` everywhere, those images, fractions inside `pixel_region` after setting
     them to k over `region`, those images)."""
+    after, ablated = _ablated(gen, seg, units, z, len(k), n_classes)
     a = torch.zeros(len(k))
     a[units] = 1
-    with edit_units(gen, world.GEN_LAYER, a):
-        _, ablated = layer_maps(gen, world.GEN_LAYER, z)
     with edit_units(gen, world.GEN_LAYER, a, k=k, region=region):
         _, inserted = layer_maps(gen, world.GEN_LAYER, z)
-    return (concept_fractions(seg, ablated, n_classes), ablated,
-            concept_fractions(seg, inserted, n_classes, pixel_region), inserted)
+    return after, ablated, concept_fractions(seg, inserted, n_classes, pixel_region), inserted
 
 
 def _bar(c: int, before: torch.Tensor, after: torch.Tensor, in_before: torch.Tensor, in_after: torch.Tensor,
@@ -97,13 +105,13 @@ def _bar(c: int, before: torch.Tensor, after: torch.Tensor, in_before: torch.Ten
 
 
 def _choose_n(gen: torch.nn.Module, seg: torch.nn.Module, order: torch.Tensor, c: int, z_fit: torch.Tensor,
-              k: torch.Tensor, region: torch.Tensor, pixel_region: torch.Tensor, n_classes: int
+              clean: torch.Tensor, k: torch.Tensor, region: torch.Tensor, pixel_region: torch.Tensor, n_classes: int
               ) -> tuple[int, list[dict[str, Any]]]:
     """The fewest top-α units (of GRID) that pass the bar's clauses on the search's own latents (never the fresh
     ones the figures are measured on), ablation with a margin (to 0.4 of the concept, not 0.5: the curve is steep,
     and a set that just halves it on these latents can miss on others); else the fewest that do that ablation;
-    else the largest. Fewer units, fewer side effects; a validation set chooses N as it would any setting."""
-    _, clean = layer_maps(gen, world.GEN_LAYER, z_fit)
+    else the largest. Fewer units, fewer side effects; a validation set chooses N as it would any setting.
+    `clean`: the unedited images of `z_fit`."""
     before = concept_fractions(seg, clean, n_classes)
     in_before = concept_fractions(seg, clean, n_classes, pixel_region)
     tried = []
@@ -177,28 +185,19 @@ def run_gan_demo(out: str | Path, top_n: int | None = None, concepts: tuple[int,
         k = mean_where_concept(maps, fit_seg == c)
         selection: list[dict[str, Any]] = []
         if top_n is None:
-            n_c, selection = _choose_n(gen, seg, order, c, z_fit, k, region, pixel_region, n_classes)
+            n_c, selection = _choose_n(gen, seg, order, c, z_fit, fit_images, k, region, pixel_region, n_classes)
         else:
             n_c = top_n
-        curve = {}
-        for n in sorted({4, 8, 16, 32}):
-            a = torch.zeros(n_units)
-            a[order[:n]] = 1
-            with edit_units(gen, world.GEN_LAYER, a):
-                _, abl = layer_maps(gen, world.GEN_LAYER, z_new)
-            curve[n] = concept_fractions(seg, abl, n_classes)
         top = order[:n_c]
         after, ablated, in_after_all, inserted = _ablate_and_insert(gen, seg, top, z_new, k, region, pixel_region,
                                                                     n_classes)
-        curve[n_c] = after
+        curve = {n_c: after}
+        for n in {4, 8, 16, 32} - {n_c}:
+            curve[n] = _ablated(gen, seg, order[:n], z_new, n_units, n_classes)[0]
         rand_after = []  # the control: as many random units, several draws, same latents
         for d in range(random_draws):
-            rand = torch.zeros(n_units)
             pick = torch.randperm(n_units, generator=torch.Generator().manual_seed(1000 * c + d + seed))[:n_c]
-            rand[pick] = 1
-            with edit_units(gen, world.GEN_LAYER, rand):
-                _, rand_images = layer_maps(gen, world.GEN_LAYER, z_new)
-            rand_after.append(concept_fractions(seg, rand_images, n_classes))
+            rand_after.append(_ablated(gen, seg, pick, z_new, n_units, n_classes)[0])
         rand_mean = torch.stack(rand_after).mean(0)
         in_before_all = concept_fractions(seg, new_images, n_classes, pixel_region)
         in_before, in_after = in_before_all[c], in_after_all[c]
